@@ -1,0 +1,75 @@
+//! The daemon's configuration: the only place that holds defaults.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub const DEFAULT_SOCKET: &str = "/var/run/aurae/aurae.sock";
+pub const DEFAULT_CA_CRT: &str = "/etc/aurae/pki/ca.crt";
+pub const DEFAULT_SERVER_CRT: &str = "/etc/aurae/pki/_signed.server.crt";
+pub const DEFAULT_SERVER_KEY: &str = "/etc/aurae/pki/server.key";
+pub const DEFAULT_RUNTIME_DIR: &str = "/var/run/aurae";
+pub const DEFAULT_LIBRARY_DIR: &str = "/var/lib/aurae";
+/// How long in-flight calls get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// How long a stopped executable gets between SIGTERM and SIGKILL.
+pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+
+/// auraed: the Aurae node daemon. Runs and isolates workloads (cells, VMs)
+/// on this machine and serves the Aurae v0 gRPC API with mutual TLS.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "auraed", version, about, long_about = None)]
+pub struct Config {
+    /// Where to listen: a unix socket path, or IP:PORT to listen on TCP
+    /// instead (e.g. 127.0.0.1:8080 or [::]:8080). Mutual TLS either way.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: String,
+
+    /// CA certificate (PEM) that client certificates must chain to.
+    #[arg(long, default_value = DEFAULT_CA_CRT)]
+    pub ca_crt: PathBuf,
+
+    /// The server's certificate (PEM), signed by the CA, for the name
+    /// server.unsafe.aurae.io.
+    #[arg(long, default_value = DEFAULT_SERVER_CRT)]
+    pub server_crt: PathBuf,
+
+    /// The server certificate's private key (PEM).
+    #[arg(long, default_value = DEFAULT_SERVER_KEY)]
+    pub server_key: PathBuf,
+
+    /// Runtime state (sockets, per-run files); emptied at start-up.
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
+    pub runtime_dir: PathBuf,
+
+    /// Persistent state (VM definitions, images).
+    #[arg(long, default_value = DEFAULT_LIBRARY_DIR)]
+    pub library_dir: PathBuf,
+
+    /// Do not generate a development PKI when no certificate files exist.
+    #[arg(long)]
+    pub no_auto_pki: bool,
+
+    /// Cgroup path (relative to each hierarchy's root) under which cells
+    /// are created. Default: `<the daemon's own cgroup>/aurae`.
+    #[arg(long)]
+    pub cgroup_root: Option<String>,
+
+    /// Seconds a stopped executable gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = DEFAULT_STOP_GRACE_SECS)]
+    pub stop_grace_secs: u64,
+
+    /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Config {
+    pub fn log_level(&self) -> tracing::Level {
+        match self.verbose {
+            0 => tracing::Level::INFO,
+            1 => tracing::Level::DEBUG,
+            _ => tracing::Level::TRACE,
+        }
+    }
+}

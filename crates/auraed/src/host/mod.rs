@@ -1,0 +1,2 @@
+//! Kernel-facing code. Nothing here imports tonic: each module has its own
+//! error enum, mapped to gRPC status once, in `crate::error`.

@@ -1,0 +1,118 @@
+//! auraed: the Aurae node daemon.
+//!
+//! `run()` does the work (mini-redis style, so tests and `main` share it):
+//! make sure a PKI exists, bind the listener, detect the kernel backends
+//! once, build the services and serve until shut down, then tear down
+//! everything the daemon created.
+//!
+//! Layout: `services/` turns gRPC into domain calls (one module per
+//! service); `host/` is the kernel-facing code and never imports tonic.
+
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod listener;
+pub mod logging;
+pub mod pki;
+pub mod services;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use aurae_client::Target;
+use aurae_proto::discovery::discovery_service_server::DiscoveryServiceServer;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+pub use config::Config;
+pub use error::DaemonError;
+use listener::Listener;
+use logging::LogBus;
+
+/// The daemon's version, reported by Discover.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The fully qualified names of our services, for grpc.health.
+const SERVICE_NAMES: [&str; 1] = ["aurae.discovery.v0.DiscoveryService"];
+
+/// Runs the daemon until `shutdown` completes, then stops cleanly.
+pub async fn run(
+    config: Config,
+    _logs: Arc<LogBus>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    pki::ensure(&config)?;
+    let tls = listener::tls_config(&config)?;
+    let target = Target::parse(&config.socket);
+    let listener = Listener::bind(&target).await?;
+
+    let token = CancellationToken::new();
+    // Whatever path leaves this function, stop accepting (and remove the
+    // socket file, which the accept task owns).
+    let _stop_accepting = token.clone().drop_guard();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aurae_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(DaemonError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(DaemonError::Reflection)?;
+
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(DiscoveryServiceServer::new(services::discovery::Discovery));
+
+    let incoming = listener.incoming(tls, token.clone());
+    tracing::info!("auraed {VERSION} serving on {target} (mutual TLS)");
+
+    let serve = router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => r.map_err(DaemonError::Serve)?,
+        () = shutdown => {
+            tracing::info!("shutting down: no new connections, in-flight calls get {}s", config::DEFAULT_SHUTDOWN_GRACE_SECS);
+            for name in SERVICE_NAMES {
+                health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+            }
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            token.cancel();
+            let grace = Duration::from_secs(config::DEFAULT_SHUTDOWN_GRACE_SECS);
+            match tokio::time::timeout(grace, &mut serve).await {
+                Ok(r) => r.map_err(DaemonError::Serve)?,
+                Err(_) => tracing::warn!("in-flight calls did not finish within {}s; closing them", grace.as_secs()),
+            }
+        }
+    }
+    tracing::info!("auraed stopped");
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_on_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not stop the daemon cleanly");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}

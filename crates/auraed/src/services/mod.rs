@@ -1,0 +1,4 @@
+//! gRPC services: each module turns requests into domain calls and domain
+//! errors into status codes (through `crate::error`).
+
+pub mod discovery;
