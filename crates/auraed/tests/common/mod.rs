@@ -1,0 +1,188 @@
+//! Test harness: starts the real `auraed` binary on a temporary socket with
+//! a throwaway PKI (the daemon's own first-start PKI) and temporary state
+//! directories, waits until it answers, and hands back connected clients.
+//! Dropping a [`Daemon`] stops it (SIGTERM, then SIGKILL) and removes
+//! everything it was given.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use aurae_client::{proto::discovery::DiscoverRequest, Client, ClientConfig};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name for kernel objects a test creates (cells, cgroups).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn auraed_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_auraed"))
+}
+
+/// `aer` is another package's binary; the test command builds it first.
+pub fn aer_bin() -> PathBuf {
+    let p = auraed_bin().with_file_name("aer");
+    assert!(p.exists(), "{} is missing: build the workspace first (scripts/test does)", p.display());
+    p
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: String,
+    pub cgroup_root: String,
+    stderr_path: PathBuf,
+}
+
+pub struct Paths {
+    pub ca_crt: PathBuf,
+    pub server_crt: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon on a temporary unix socket.
+    pub async fn start() -> Self {
+        Self::start_with(None, &[]).await
+    }
+
+    /// Starts a daemon listening at `socket` (None: a temp unix socket)
+    /// with extra flags.
+    pub async fn start_with(socket: Option<&str>, extra: &[&str]) -> Self {
+        let d = Self::spawn(socket, extra);
+        d.wait_ready().await;
+        d
+    }
+
+    /// Spawns without waiting for readiness.
+    pub fn spawn(socket: Option<&str>, extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("auraed-test-").tempdir().expect("temp dir");
+        let socket = socket.map(str::to_owned).unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
+        let cgroup_root = format!("/{}", unique("aurae-test"));
+        let stderr_path = dir.path().join("auraed.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("log file");
+        let p = Self::paths_in(dir.path());
+        let child = Command::new(auraed_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--ca-crt")
+            .arg(&p.ca_crt)
+            .arg("--server-crt")
+            .arg(&p.server_crt)
+            .arg("--server-key")
+            .arg(&p.server_key)
+            .arg("--runtime-dir")
+            .arg(dir.path().join("run"))
+            .arg("--library-dir")
+            .arg(dir.path().join("lib"))
+            .arg("--cgroup-root")
+            .arg(&cgroup_root)
+            .args(extra)
+            // The first-start PKI also writes ~/.aurae/config: keep it in here.
+            .env("HOME", dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn auraed");
+        Daemon {
+            child,
+            dir,
+            socket,
+            cgroup_root,
+            stderr_path,
+        }
+    }
+
+    pub fn paths_in(dir: &Path) -> Paths {
+        Paths {
+            ca_crt: dir.join("pki/ca.crt"),
+            server_crt: dir.join("pki/_signed.server.crt"),
+            server_key: dir.join("pki/server.key"),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn client_config_path(&self) -> PathBuf {
+        self.dir.path().join("pki/client-config.toml")
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::from_file(&self.client_config_path()).expect("client config")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.client_config()).await.expect("connect to auraed")
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.client_config_path().exists() {
+                if let Ok(c) = Client::connect(&self.client_config()).await {
+                    if c.discovery().discover(DiscoverRequest {}).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "auraed did not become ready; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
+            signal(self.pid(), libc::SIGKILL);
+            panic!("auraed did not exit within 30s of SIGTERM; log:\n{}", self.log())
+        })
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.pid(), libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(30)).is_none() {
+                signal(self.pid(), libc::SIGKILL);
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
