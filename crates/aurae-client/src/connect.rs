@@ -165,8 +165,8 @@ pub fn tls_config(config: &ClientConfig) -> Result<Arc<TlsConfig>, ConnectError>
     let mut cfg = TlsConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| {
-            Ok(b.with_root_certificates(roots)
-                .with_client_auth_cert(chain, key)?)
+            b.with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
         })
         .map_err(|e| ConnectError::Credentials {
             what: "client key pair",

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod host;
+mod inflight;
 pub mod listener;
 pub mod logging;
 pub mod pki;
@@ -70,7 +71,9 @@ pub async fn run(
         .build_v1alpha()
         .map_err(DaemonError::Reflection)?;
 
+    let inflight = inflight::InFlight::default();
     let router = Server::builder()
+        .layer(inflight.clone())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -91,9 +94,13 @@ pub async fn run(
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             token.cancel();
             let grace = Duration::from_secs(config::DEFAULT_SHUTDOWN_GRACE_SECS);
-            match tokio::time::timeout(grace, &mut serve).await {
-                Ok(r) => r.map_err(DaemonError::Serve)?,
-                Err(_) => tracing::warn!("in-flight calls did not finish within {}s; closing them", grace.as_secs()),
+            if !inflight.drained(grace).await {
+                tracing::warn!("{} calls still in flight after {}s; closing them", inflight.count(), grace.as_secs());
+            }
+            // Idle connections are not waited for: give the server a moment
+            // to send GOAWAY, then drop it.
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), &mut serve).await {
+                r.map_err(DaemonError::Serve)?;
             }
         }
     }

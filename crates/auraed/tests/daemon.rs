@@ -15,7 +15,14 @@ use tokio_stream::StreamExt;
 #[tokio::test]
 async fn discover_over_unix_socket_with_mtls() {
     let d = Daemon::start().await;
-    let r = d.client().await.discovery().discover(DiscoverRequest {}).await.unwrap().into_inner();
+    let r = d
+        .client()
+        .await
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.healthy);
     assert_eq!(r.version, env!("CARGO_PKG_VERSION"));
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
@@ -24,18 +31,36 @@ async fn discover_over_unix_socket_with_mtls() {
 
 #[tokio::test]
 async fn discover_over_tcp_when_asked() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(Some(&addr), &[]).await;
-    let r = d.client().await.discovery().discover(DiscoverRequest {}).await.unwrap().into_inner();
+    let r = d
+        .client()
+        .await
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.healthy);
 }
 
 /// Connects with a hand-built rustls config (`client_auth`: the client's
 /// chain and key, or none) and calls Discover.
 async fn discover_with(d: &Daemon, cfg: rustls::ClientConfig) -> Result<(), String> {
-    let client = Client::connect_with(Target::parse(&d.socket), Arc::new(cfg)).await.map_err(|e| e.to_string())?;
-    client.discovery().discover(DiscoverRequest {}).await.map(|_| ()).map_err(|e| e.to_string())
+    let client = Client::connect_with(Target::parse(&d.socket), Arc::new(cfg))
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn roots(ca_pem_path: &std::path::Path) -> rustls::RootCertStore {
@@ -60,9 +85,15 @@ async fn client_without_certificate_is_refused() {
         .with_root_certificates(roots(std::path::Path::new(&d.client_config().auth.ca_crt)))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let err = discover_with(&d, cfg).await.expect_err("a client without a certificate must be refused");
+    let err = discover_with(&d, cfg)
+        .await
+        .expect_err("a client without a certificate must be refused");
     assert!(!err.is_empty());
-    assert!(d.log().contains("refused a connection"), "daemon log:\n{}", d.log());
+    assert!(
+        d.log().contains("refused a connection"),
+        "daemon log:\n{}",
+        d.log()
+    );
 }
 
 #[tokio::test]
@@ -79,7 +110,9 @@ async fn client_certificate_from_another_ca_is_refused() {
         .with_client_auth_cert(chain, key)
         .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    discover_with(&d, cfg).await.expect_err("a certificate from another CA must be refused");
+    discover_with(&d, cfg)
+        .await
+        .expect_err("a certificate from another CA must be refused");
     // And the right one still works, so the refusal was about the CA.
     let good = tls_config(&d.client_config()).unwrap();
     discover_with(&d, (*good).clone()).await.unwrap();
@@ -94,11 +127,17 @@ async fn plaintext_connection_is_refused() {
         .timeout(Duration::from_secs(5))
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
         }))
         .await;
     if let Ok(channel) = channel {
-        let r = DiscoveryServiceClient::new(channel).discover(DiscoverRequest {}).await;
+        let r = DiscoveryServiceClient::new(channel)
+            .discover(DiscoverRequest {})
+            .await;
         assert!(r.is_err(), "plaintext gRPC must not be answered");
     }
 }
@@ -109,11 +148,23 @@ fn listening_tcp_sockets(pid: i32) -> usize {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
         .collect();
     ["tcp", "tcp6"]
         .iter()
-        .flat_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .flat_map(|f| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .filter(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             cols.get(3) == Some(&"0A") && cols.get(9).is_some_and(|i| inodes.iter().any(|x| x == i))
@@ -125,16 +176,31 @@ fn listening_tcp_sockets(pid: i32) -> usize {
 async fn default_mode_opens_no_tcp_port() {
     let d = Daemon::start().await;
     assert_eq!(listening_tcp_sockets(d.pid()), 0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let t = Daemon::start_with(Some(&format!("127.0.0.1:{port}")), &[]).await;
-    assert_eq!(listening_tcp_sockets(t.pid()), 1, "the counter itself must see a TCP listener");
+    assert_eq!(
+        listening_tcp_sockets(t.pid()),
+        1,
+        "the counter itself must see a TCP listener"
+    );
 }
 
 #[tokio::test]
 async fn first_start_pki_is_generated_and_aer_uses_it() {
     let d = Daemon::start().await;
     let pki = d.dir.path().join("pki");
-    for f in ["ca.crt", "_signed.server.crt", "server.key", "_signed.client.crt", "client.key", "client-config.toml"] {
+    for f in [
+        "ca.crt",
+        "_signed.server.crt",
+        "server.key",
+        "_signed.client.crt",
+        "client.key",
+        "client-config.toml",
+    ] {
         let mode = std::fs::metadata(pki.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f} must be owner-only");
     }
@@ -142,8 +208,17 @@ async fn first_start_pki_is_generated_and_aer_uses_it() {
     assert!(d.dir.path().join(".aurae/config").exists());
     assert!(d.log().contains("GENERATED A DEVELOPMENT PKI"));
 
-    let out = Command::new(common::aer_bin()).arg("--config").arg(d.client_config_path()).arg("discover").output().unwrap();
-    assert!(out.status.success(), "aer discover: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::aer_bin())
+        .arg("--config")
+        .arg(d.client_config_path())
+        .arg("discover")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "aer discover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("healthy"));
     let out = Command::new(common::aer_bin())
         .args(["--json", "--config"])
@@ -154,8 +229,17 @@ async fn first_start_pki_is_generated_and_aer_uses_it() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["healthy"], true);
     // AURAE_CONFIG is searched first.
-    let out = Command::new(common::aer_bin()).arg("health").env("AURAE_CONFIG", d.client_config_path()).env("HOME", "/nonexistent").output().unwrap();
-    assert!(out.status.success(), "aer health: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::aer_bin())
+        .arg("health")
+        .env("AURAE_CONFIG", d.client_config_path())
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "aer health: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
 }
 
@@ -179,7 +263,10 @@ async fn partial_pki_is_refused_naming_the_missing_files() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("_signed.server.crt") && err.contains("server.key"), "{err}");
+    assert!(
+        err.contains("_signed.server.crt") && err.contains("server.key"),
+        "{err}"
+    );
     assert!(!dir.path().join("a.sock").exists());
 }
 
@@ -196,26 +283,48 @@ async fn no_auto_pki_refuses_to_generate() {
 async fn health_and_reflection_answer() {
     use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let d = Daemon::start().await;
     let c = d.client().await;
     for service in ["", "aurae.discovery.v0.DiscoveryService"] {
-        let r = c.health().check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        let r = c
+            .health()
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
     }
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut stream = ServerReflectionClient::new(c.channel())
         .server_reflection_info(tokio_stream::iter([req]))
         .await
         .unwrap()
         .into_inner();
-    let Some(Ok(resp)) = stream.next().await else { panic!("no reflection answer") };
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("unexpected reflection answer") };
+    let Some(Ok(resp)) = stream.next().await else {
+        panic!("no reflection answer")
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["aurae.discovery.v0.DiscoveryService", "aurae.cells.v0.CellService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "aurae.discovery.v0.DiscoveryService",
+        "aurae.cells.v0.CellService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
 }
 
@@ -224,8 +333,15 @@ async fn sigterm_exits_zero_and_removes_the_socket() {
     let mut d = Daemon::start().await;
     assert!(std::path::Path::new(&d.socket).exists());
     let status = d.terminate();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", d.log());
-    assert!(!std::path::Path::new(&d.socket).exists(), "socket left behind");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log()
+    );
+    assert!(
+        !std::path::Path::new(&d.socket).exists(),
+        "socket left behind"
+    );
 }
 
 #[tokio::test]
@@ -245,8 +361,18 @@ async fn a_second_daemon_does_not_steal_a_live_socket_but_replaces_a_stale_one()
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"), "{}", String::from_utf8_lossy(&out.stderr));
-    first.client().await.discovery().discover(DiscoverRequest {}).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already serving"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    first
+        .client()
+        .await
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await
+        .unwrap();
 
     // A stale socket file (nobody listening) is replaced.
     let stale_dir = tempfile::tempdir().unwrap();
@@ -254,7 +380,12 @@ async fn a_second_daemon_does_not_steal_a_live_socket_but_replaces_a_stale_one()
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
     let d = Daemon::start_with(Some(stale.to_str().unwrap()), &[]).await;
-    d.client().await.discovery().discover(DiscoverRequest {}).await.unwrap();
+    d.client()
+        .await
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await
+        .unwrap();
     first.terminate();
 }
 
@@ -266,9 +397,17 @@ async fn aer_connection_failure_is_one_clear_sentence() {
     cfg.system.socket = dir.path().join("nobody.sock").display().to_string();
     let path = dir.path().join("config");
     std::fs::write(&path, cfg.to_toml()).unwrap();
-    let out = Command::new(common::aer_bin()).arg("--config").arg(&path).arg("discover").output().unwrap();
+    let out = Command::new(common::aer_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("discover")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("nobody.sock") && err.contains("cannot connect"), "{err}");
+    assert!(
+        err.contains("nobody.sock") && err.contains("cannot connect"),
+        "{err}"
+    );
 }

@@ -1,2 +1,3 @@
 //! Kernel-facing code. Nothing here imports tonic: each module has its own
 //! error enum, mapped to gRPC status once, in `crate::error`.
+pub mod cgroup;

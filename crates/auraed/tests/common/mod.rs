@@ -19,7 +19,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short name for kernel objects a test creates (cells, cgroups).
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn auraed_bin() -> PathBuf {
@@ -29,7 +33,11 @@ pub fn auraed_bin() -> PathBuf {
 /// `aer` is another package's binary; the test command builds it first.
 pub fn aer_bin() -> PathBuf {
     let p = auraed_bin().with_file_name("aer");
-    assert!(p.exists(), "{} is missing: build the workspace first (scripts/test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (scripts/test does)",
+        p.display()
+    );
     p
 }
 
@@ -63,8 +71,13 @@ impl Daemon {
 
     /// Spawns without waiting for readiness.
     pub fn spawn(socket: Option<&str>, extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("auraed-test-").tempdir().expect("temp dir");
-        let socket = socket.map(str::to_owned).unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
+        let dir = tempfile::Builder::new()
+            .prefix("auraed-test-")
+            .tempdir()
+            .expect("temp dir");
+        let socket = socket
+            .map(str::to_owned)
+            .unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
         let cgroup_root = format!("/{}", unique("aurae-test"));
         let stderr_path = dir.path().join("auraed.log");
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
@@ -127,7 +140,9 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.client_config()).await.expect("connect to auraed")
+        Client::connect(&self.client_config())
+            .await
+            .expect("connect to auraed")
     }
 
     async fn wait_ready(&self) {
@@ -140,7 +155,11 @@ impl Daemon {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "auraed did not become ready; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "auraed did not become ready; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -150,7 +169,10 @@ impl Daemon {
         signal(self.pid(), libc::SIGTERM);
         self.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
             signal(self.pid(), libc::SIGKILL);
-            panic!("auraed did not exit within 30s of SIGTERM; log:\n{}", self.log())
+            panic!(
+                "auraed did not exit within 30s of SIGTERM; log:\n{}",
+                self.log()
+            )
         })
     }
 

@@ -1,0 +1,486 @@
+//! cgroup v1 (legacy or hybrid): one tree per mounted controller hierarchy, plus, on hybrid hosts,
+//! a mirror of every cell in the controller-less cgroup2 tree (`<mount_root>/unified`). The mirror
+//! carries no limits; it gives us `cgroup.kill` and cgroup ids for the signal observer.
+//! Processes live in the cell directory itself in v1 trees (v1 has no no-internal-process rule)
+//! and in the cell's `_exec` leaf in the mirror, like on pure v2.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use super::{
+    invalid_cell, io_err, is_fs, limit_value, lock, own_path, pids_recursive, read_trimmed,
+    requested, weight_to_shares, write_cgroup_kill, write_file, CgroupBackend, CgroupError,
+    Freezer, Limits, Tree, EXEC_LEAF,
+};
+
+/// The v1 controllers we look for under `mount_root`; freezer only serves `kill_all`.
+pub(super) const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "memory", "pids", "freezer"];
+
+/// One mounted v1 hierarchy and the controllers of ours it carries (e.g. "cpu" when mounted
+/// as "cpu,cpuacct", or several when co-mounted).
+#[derive(Debug)]
+struct Hierarchy {
+    controllers: Vec<&'static str>,
+    tree: Tree,
+}
+
+#[derive(Debug)]
+pub(super) struct V1Backend {
+    hierarchies: Vec<Hierarchy>,
+    mirror: Option<Tree>,
+    /// Whether the root subtree is set up (false again after `remove_root`).
+    ready: Mutex<bool>,
+}
+
+impl V1Backend {
+    pub(super) fn detect(
+        mount_root: &Path,
+        proc_self_cgroup: &str,
+        root_override: Option<&str>,
+    ) -> Result<V1Backend, CgroupError> {
+        let mut hierarchies: Vec<Hierarchy> = Vec::new();
+        for ctrl in CONTROLLERS {
+            let dir = mount_root.join(ctrl);
+            if !dir.is_dir() {
+                continue;
+            }
+            // "cpu" is often a symlink to the "cpu,cpuacct" mount: one hierarchy, one tree.
+            let mount = fs::canonicalize(&dir).map_err(|e| io_err("resolve", &dir, e))?;
+            if let Some(h) = hierarchies.iter_mut().find(|h| h.tree.mount == mount) {
+                h.controllers.push(ctrl);
+                continue;
+            }
+            let own = own_path(proc_self_cgroup, Some(ctrl));
+            hierarchies.push(Hierarchy {
+                controllers: vec![ctrl],
+                tree: Tree::new(&mount, own, root_override)?,
+            });
+        }
+        let unified = mount_root.join("unified");
+        let mirror = if is_fs(&unified, nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+            || unified.join("cgroup.procs").is_file()
+        {
+            let own = own_path(proc_self_cgroup, None);
+            Some(Tree::new(&unified, own, root_override)?)
+        } else {
+            None
+        };
+        Ok(V1Backend {
+            hierarchies,
+            mirror,
+            ready: Mutex::new(false),
+        })
+    }
+
+    fn tree(&self, ctrl: &str) -> Option<&Tree> {
+        self.hierarchies
+            .iter()
+            .find(|h| h.controllers.contains(&ctrl))
+            .map(|h| &h.tree)
+    }
+
+    fn trees(&self) -> impl Iterator<Item = &Tree> {
+        self.hierarchies.iter().map(|h| &h.tree).chain(&self.mirror)
+    }
+
+    /// Where to list a cell's processes: the mirror sees them all; else pids or memory.
+    fn list_tree(&self) -> Option<&Tree> {
+        self.mirror
+            .as_ref()
+            .or_else(|| self.tree("pids"))
+            .or_else(|| self.tree("memory"))
+            .or_else(|| self.hierarchies.first().map(|h| &h.tree))
+    }
+
+    fn ensure_root(&self) -> Result<(), CgroupError> {
+        let mut ready = lock(&self.ready);
+        if *ready {
+            return Ok(());
+        }
+        let mut made: Vec<(&Tree, Vec<PathBuf>)> = Vec::new();
+        let res = self.trees().try_for_each(|tree| {
+            let dirs = tree.create_root()?;
+            made.push((tree, dirs.clone()));
+            if self.tree("cpuset").is_some_and(|t| std::ptr::eq(t, tree)) {
+                // Ancestors that existed are not ours: fill only what we made, and our root.
+                for dir in dirs.iter().chain([&tree.root]) {
+                    fill_cpuset(dir)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = res {
+            for (tree, dirs) in made.iter().rev() {
+                tree.remove_created(dirs);
+            }
+            return Err(e);
+        }
+        *ready = true;
+        Ok(())
+    }
+
+    fn create_in<'a>(
+        &'a self,
+        path: &[&str],
+        limits: &Limits,
+        made: &mut Vec<(&'a Tree, PathBuf)>,
+    ) -> Result<(), CgroupError> {
+        for h in &self.hierarchies {
+            let dir = h.tree.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+            fs::create_dir(&dir).map_err(|e| io_err("create", &dir, e))?;
+            made.push((&h.tree, dir.clone()));
+            for ctrl in &h.controllers {
+                apply(ctrl, &dir, limits)?;
+            }
+        }
+        if let Some(m) = &self.mirror {
+            let dir = m.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+            for d in [dir.clone(), dir.join(EXEC_LEAF)] {
+                fs::create_dir(&d).map_err(|e| io_err("create", &d, e))?;
+                made.push((m, d));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A new v1 cpuset cgroup starts with empty cpus/mems and refuses tasks until both are set:
+/// copy them from the parent when empty.
+fn fill_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    for file in ["cpuset.mems", "cpuset.cpus"] {
+        if read_trimmed(&dir.join(file))?.is_empty() {
+            let value = read_trimmed(&parent.join(file))?;
+            write_file(&dir.join(file), &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the limits of controller `ctrl` into the cell's directory of its hierarchy.
+fn apply(ctrl: &str, dir: &Path, l: &Limits) -> Result<(), CgroupError> {
+    match ctrl {
+        "cpu" => {
+            if let Some(w) = l.cpu_weight {
+                write_file(&dir.join("cpu.shares"), &weight_to_shares(w).to_string())?;
+            }
+            // Period before quota: the kernel checks a quota against the current period.
+            let period = l.cpu_period.or(l.cpu_max.map(|_| 100_000));
+            if let Some(p) = period {
+                write_file(&dir.join("cpu.cfs_period_us"), &p.to_string())?;
+            }
+            if let Some(m) = l.cpu_max {
+                write_file(&dir.join("cpu.cfs_quota_us"), &limit_value(m, "-1"))?;
+            }
+        }
+        "cpuset" => {
+            fill_cpuset(dir)?;
+            if let Some(m) = &l.mems {
+                write_file(&dir.join("cpuset.mems"), m)?;
+            }
+            if let Some(c) = &l.cpus {
+                write_file(&dir.join("cpuset.cpus"), c)?;
+            }
+        }
+        "memory" => {
+            if let Some(v) = l.mem_max {
+                write_file(&dir.join("memory.limit_in_bytes"), &limit_value(v, "-1"))?;
+            }
+            if let Some(v) = l.mem_low {
+                write_file(
+                    &dir.join("memory.soft_limit_in_bytes"),
+                    &limit_value(v, "-1"),
+                )?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl CgroupBackend for V1Backend {
+    fn is_v2(&self) -> bool {
+        false
+    }
+
+    fn check_supported(&self, limits: &Limits) -> Result<(), CgroupError> {
+        for (field, ctrl) in requested(limits) {
+            let reason = match field {
+                "cell.memory.min" => "cgroup v1 has no memory.min".to_string(),
+                "cell.memory.high" => "cgroup v1 has no memory.high".to_string(),
+                _ if self.tree(ctrl).is_none() => {
+                    format!("the cgroup v1 {ctrl} controller is not mounted")
+                }
+                _ => continue,
+            };
+            return Err(CgroupError::Unsupported { field, reason });
+        }
+        Ok(())
+    }
+
+    fn create(&self, path: &[&str], limits: &Limits) -> Result<(), CgroupError> {
+        self.list_tree()
+            .and_then(|t| t.cell_dir(path))
+            .ok_or_else(|| invalid_cell(path))?;
+        self.check_supported(limits)?;
+        self.ensure_root()?;
+        let mut made = Vec::new();
+        let res = self.create_in(path, limits, &mut made);
+        if res.is_err() {
+            let deadline = Instant::now() + Duration::from_millis(100);
+            for (tree, dir) in made.iter().rev() {
+                if let Err(e) = tree.remove_dir(dir, deadline) {
+                    tracing::warn!("cleanup after failed cell creation: {e}");
+                }
+            }
+        }
+        res
+    }
+
+    fn procs_files(&self, path: &[&str]) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for h in &self.hierarchies {
+            let Some(dir) = h.tree.cell_dir(path) else {
+                return Vec::new();
+            };
+            files.push(dir.join("cgroup.procs"));
+        }
+        if let Some(dir) = self.unified_dir(path) {
+            files.push(dir.join("cgroup.procs"));
+        }
+        files
+    }
+
+    fn pids(&self, path: &[&str]) -> Result<Vec<i32>, CgroupError> {
+        let tree = self.list_tree().ok_or_else(|| invalid_cell(path))?;
+        pids_recursive(&tree.cell_dir(path).ok_or_else(|| invalid_cell(path))?)
+    }
+
+    fn kill_all(&self, path: &[&str]) -> Result<(), CgroupError> {
+        if let Some(m) = &self.mirror {
+            let dir = m.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+            if write_cgroup_kill(&dir)? {
+                return Ok(());
+            }
+        }
+        let tree = self.list_tree().ok_or_else(|| invalid_cell(path))?;
+        let dir = tree.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+        let freezer = match self.tree("freezer").and_then(|t| t.cell_dir(path)) {
+            Some(d) if d.join("freezer.state").is_file() => Some(Freezer {
+                file: d.join("freezer.state"),
+                freeze: "FROZEN",
+                thaw: "THAWED",
+            }),
+            _ => None,
+        };
+        super::kill_loop(&dir, freezer)
+    }
+
+    fn remove(&self, path: &[&str], timeout: Duration) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + timeout;
+        for h in &self.hierarchies {
+            let dir = h.tree.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+            h.tree.remove_dir(&dir, deadline)?;
+        }
+        if let Some(m) = &self.mirror {
+            let dir = m.cell_dir(path).ok_or_else(|| invalid_cell(path))?;
+            m.remove_dir(&dir.join(EXEC_LEAF), deadline)?;
+            m.remove_dir(&dir, deadline)?;
+        }
+        Ok(())
+    }
+
+    fn unified_dir(&self, path: &[&str]) -> Option<PathBuf> {
+        let m = self.mirror.as_ref()?;
+        m.cell_dir(path).map(|d| d.join(EXEC_LEAF))
+    }
+
+    fn remove_root(&self) -> Result<(), CgroupError> {
+        let mut ready = lock(&self.ready);
+        for tree in self.trees() {
+            tree.remove_root()?;
+        }
+        *ready = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::detect;
+    use super::*;
+
+    /// A temp dir laid out like a v1 mount root: cpu/, cpuset/, memory/, pids/ (and unified/).
+    fn layout(mirror: bool) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for d in ["cpu", "cpuset", "memory/m/own", "pids"] {
+            fs::create_dir_all(tmp.path().join(d)).expect("mkdir");
+        }
+        fs::write(tmp.path().join("cpuset/cpuset.cpus"), "0-3\n").expect("write");
+        fs::write(tmp.path().join("cpuset/cpuset.mems"), "0\n").expect("write");
+        if mirror {
+            fs::create_dir(tmp.path().join("unified")).expect("mkdir");
+            fs::write(tmp.path().join("unified/cgroup.procs"), "").expect("write");
+        }
+        tmp
+    }
+
+    const PROC: &str = "4:memory:/m/own\n3:cpuset:/\n1:cpu:/\n0::/\n";
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn limits_land_in_v1_files_and_cpuset_is_copied() {
+        let tmp = layout(false);
+        let t = tmp.path();
+        let b = detect(t, PROC, None).expect("detect");
+        assert!(!b.is_v2());
+        let limits = Limits {
+            cpu_weight: Some(100),
+            cpu_max: Some(50_000),
+            mem_low: Some(32 << 20),
+            mem_max: Some(64 << 20),
+            ..Limits::default()
+        };
+        b.create(&["a"], &limits).expect("create");
+        let expected = [
+            ("cpu/aurae/a/cpu.shares", "2597"),
+            ("cpu/aurae/a/cpu.cfs_period_us", "100000"),
+            ("cpu/aurae/a/cpu.cfs_quota_us", "50000"),
+            ("cpuset/aurae/cpuset.cpus", "0-3"),
+            ("cpuset/aurae/cpuset.mems", "0"),
+            ("cpuset/aurae/a/cpuset.cpus", "0-3"),
+            ("memory/m/own/aurae/a/memory.limit_in_bytes", "67108864"),
+            (
+                "memory/m/own/aurae/a/memory.soft_limit_in_bytes",
+                "33554432",
+            ),
+        ];
+        for (file, want) in expected {
+            assert_eq!(read(&t.join(file)), want, "{file}");
+        }
+        let nested = Limits {
+            cpus: Some("1".into()),
+            cpu_max: Some(-1),
+            cpu_period: Some(20_000),
+            ..Limits::default()
+        };
+        b.create(&["a", "b"], &nested).expect("create nested");
+        assert_eq!(read(&t.join("cpuset/aurae/a/b/cpuset.cpus")), "1");
+        assert_eq!(read(&t.join("cpuset/aurae/a/b/cpuset.mems")), "0");
+        assert_eq!(read(&t.join("cpu/aurae/a/b/cpu.cfs_quota_us")), "-1");
+        assert_eq!(read(&t.join("cpu/aurae/a/b/cpu.cfs_period_us")), "20000");
+
+        let files = b.procs_files(&["a", "b"]);
+        for h in [
+            "cpu/aurae",
+            "cpuset/aurae",
+            "memory/m/own/aurae",
+            "pids/aurae",
+        ] {
+            assert!(
+                files.contains(&t.join(h).join("a/b/cgroup.procs")),
+                "{h}: {files:?}"
+            );
+        }
+        assert_eq!(files.len(), 4);
+        assert_eq!(b.unified_dir(&["a"]), None);
+
+        fs::write(t.join("pids/aurae/a/cgroup.procs"), "7\n").expect("write");
+        fs::write(t.join("pids/aurae/a/b/cgroup.procs"), "8\n9\n").expect("write");
+        let mut pids = b.pids(&["a"]).expect("pids");
+        pids.sort_unstable();
+        assert_eq!(pids, vec![7, 8, 9]);
+
+        b.remove(&["a", "b"], Duration::ZERO).expect("remove b");
+        b.remove(&["a"], Duration::ZERO).expect("remove a");
+        b.remove_root().expect("remove root");
+        for h in ["cpu", "cpuset", "memory/m/own", "pids"] {
+            assert!(!t.join(h).join("aurae").exists(), "{h}");
+        }
+        assert!(t.join("memory/m/own").is_dir());
+    }
+
+    #[test]
+    fn memory_min_and_high_are_unsupported() {
+        let tmp = layout(false);
+        let b = detect(tmp.path(), PROC, None).expect("detect");
+        for (limits, field, reason) in [
+            (
+                Limits {
+                    mem_min: Some(1),
+                    ..Limits::default()
+                },
+                "cell.memory.min",
+                "cgroup v1 has no memory.min",
+            ),
+            (
+                Limits {
+                    mem_high: Some(1),
+                    mem_max: Some(2),
+                    ..Limits::default()
+                },
+                "cell.memory.high",
+                "cgroup v1 has no memory.high",
+            ),
+        ] {
+            match b.create(&["a"], &limits) {
+                Err(CgroupError::Unsupported {
+                    field: f,
+                    reason: r,
+                }) => {
+                    assert_eq!((f, r.as_str()), (field, reason));
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(!tmp.path().join("cpu/aurae/a").exists());
+    }
+
+    #[test]
+    fn unmounted_controller_is_unsupported() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(tmp.path().join("memory")).expect("mkdir");
+        let b = detect(tmp.path(), "", None).expect("detect");
+        let limits = Limits {
+            cpu_weight: Some(10),
+            ..Limits::default()
+        };
+        let err = b.check_supported(&limits).expect_err("no cpu");
+        assert!(matches!(
+            err,
+            CgroupError::Unsupported {
+                field: "cell.cpu.weight",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn hybrid_mirror_gets_an_exec_leaf() {
+        let tmp = layout(true);
+        let t = tmp.path();
+        let b = detect(t, PROC, Some("/x/aurae")).expect("detect");
+        b.create(&["a"], &Limits::default()).expect("create");
+        let leaf = t.join("unified/x/aurae/a/_exec");
+        assert!(leaf.is_dir());
+        assert_eq!(b.unified_dir(&["a"]), Some(leaf.clone()));
+        assert!(b.procs_files(&["a"]).contains(&leaf.join("cgroup.procs")));
+        assert_eq!(b.procs_files(&["a"]).len(), 5);
+        fs::write(leaf.join("cgroup.procs"), "5\n").expect("write");
+        assert_eq!(b.pids(&["a"]).expect("pids"), vec![5], "mirror is listed");
+        b.remove(&["a"], Duration::ZERO).expect("remove");
+        b.remove_root().expect("remove root");
+        for h in ["cpu", "cpuset", "memory", "pids", "unified"] {
+            assert!(!t.join(h).join("x").exists(), "{h}");
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Pure cgroup v2: one tree, controllers enabled top-down through `cgroup.subtree_control`,
+//! processes in each cell's `_exec` leaf.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use super::{
+    invalid_cell, io_err, limit_value, lock, pids_recursive, read_trimmed, requested,
+    write_cgroup_kill, write_file, CgroupBackend, CgroupError, Freezer, Limits, Tree, CONTROLLERS,
+    DAEMON_LEAF, EXEC_LEAF,
+};
+
+/// cpu.max period when only the quota is given (the kernel's default too).
+const DEFAULT_PERIOD: u64 = 100_000;
+
+#[derive(Debug)]
+pub(super) struct V2Backend {
+    tree: Tree,
+    /// Before the root subtree exists: the controllers the hierarchy root offers (a guess).
+    estimate: Vec<String>,
+    /// Once the root subtree is set up: the controllers enabled for cells. None until then.
+    enabled: Mutex<Option<Vec<String>>>,
+}
+
+/// Our controllers named in a `cgroup.controllers`/`cgroup.subtree_control` text.
+fn wanted_in(text: &str) -> Vec<String> {
+    let listed: Vec<&str> = text
+        .split_whitespace()
+        .map(|c| c.trim_start_matches('+'))
+        .collect();
+    CONTROLLERS
+        .iter()
+        .filter(|c| listed.contains(c))
+        .map(|c| c.to_string())
+        .collect()
+}
+
+impl V2Backend {
+    pub(super) fn new(tree: Tree) -> V2Backend {
+        let estimate = read_trimmed(&tree.mount.join("cgroup.controllers"))
+            .map(|t| wanted_in(&t))
+            .unwrap_or_default();
+        V2Backend {
+            tree,
+            estimate,
+            enabled: Mutex::new(None),
+        }
+    }
+
+    /// Creates the root subtree and enables our controllers from the mount down to it;
+    /// returns the controllers cells get. Runs once (again after `remove_root`).
+    fn ensure_root(&self) -> Result<Vec<String>, CgroupError> {
+        let mut enabled = lock(&self.enabled);
+        if let Some(e) = enabled.as_ref() {
+            return Ok(e.clone());
+        }
+        let made = self.tree.create_root()?;
+        let mut avail = self.estimate.clone();
+        for dir in self.tree.chain() {
+            match self.enable(&dir, &avail) {
+                Ok(now) => avail = now,
+                Err(e) => {
+                    self.tree.remove_created(&made);
+                    return Err(e);
+                }
+            }
+        }
+        *enabled = Some(avail.clone());
+        Ok(avail)
+    }
+
+    /// Enables `avail` (what the parent passes down) in `dir/cgroup.subtree_control`, writing only
+    /// what is missing, so cgroups we did not create are changed only when they must be.
+    /// Returns what is enabled afterwards. A controller that cannot be enabled is logged and left
+    /// out: cells still work, and limits needing it return Unsupported.
+    fn enable(&self, dir: &Path, avail: &[String]) -> Result<Vec<String>, CgroupError> {
+        let file = dir.join("cgroup.subtree_control");
+        let current = wanted_in(&read_trimmed(&file)?);
+        let missing: Vec<&String> = avail.iter().filter(|c| !current.contains(c)).collect();
+        if missing.is_empty() {
+            return Ok(current);
+        }
+        let line = missing
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut res = fs::write(&file, &line);
+        // A cgroup other than the root may not both hold processes and enable controllers for
+        // its children. If that cgroup is the daemon's own, do what delegated systemd services
+        // do: move the daemon into a leaf `<own>/auraed`, then retry. We move only our own pid;
+        // other processes in there are not ours to move.
+        if res
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+            && dir == self.tree.own
+            && dir != self.tree.mount
+        {
+            self.move_self_to_leaf(dir)?;
+            res = fs::write(&file, &line);
+        }
+        if let Err(e) = res {
+            // One bad controller fails the whole write; try them one by one.
+            tracing::debug!("enabling {line:?} in {}: {e}", file.display());
+            for c in &missing {
+                if let Err(e) = fs::write(&file, format!("+{c}")) {
+                    tracing::warn!("cannot enable {c} in {}: {e}", file.display());
+                }
+            }
+        }
+        Ok(wanted_in(&read_trimmed(&file)?))
+    }
+
+    fn move_self_to_leaf(&self, own: &Path) -> Result<(), CgroupError> {
+        let me = std::process::id().to_string();
+        let procs = read_trimmed(&own.join("cgroup.procs"))?;
+        if !procs.lines().any(|l| l.trim() == me) {
+            return Ok(());
+        }
+        let leaf = own.join(DAEMON_LEAF);
+        match fs::create_dir(&leaf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create", &leaf, e)),
+        }
+        tracing::info!(
+            "moving auraed into {} to enable controllers",
+            leaf.display()
+        );
+        write_file(&leaf.join("cgroup.procs"), &me)
+    }
+
+    fn cell(&self, path: &[&str]) -> Result<PathBuf, CgroupError> {
+        self.tree.cell_dir(path).ok_or_else(|| invalid_cell(path))
+    }
+
+    fn create_in(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+        enabled: &[String],
+        made: &mut Vec<PathBuf>,
+    ) -> Result<(), CgroupError> {
+        fs::create_dir(dir).map_err(|e| io_err("create", dir, e))?;
+        made.push(dir.to_path_buf());
+        apply(dir, limits)?;
+        if !enabled.is_empty() {
+            let line = enabled.iter().map(|c| format!("+{c}")).collect::<Vec<_>>();
+            write_file(&dir.join("cgroup.subtree_control"), &line.join(" "))?;
+        }
+        let leaf = dir.join(EXEC_LEAF);
+        fs::create_dir(&leaf).map_err(|e| io_err("create", &leaf, e))?;
+        made.push(leaf);
+        Ok(())
+    }
+}
+
+/// Writes the limits into the cell's own directory.
+fn apply(dir: &Path, l: &Limits) -> Result<(), CgroupError> {
+    if let Some(w) = l.cpu_weight {
+        write_file(&dir.join("cpu.weight"), &w.to_string())?;
+    }
+    if l.cpu_max.is_some() || l.cpu_period.is_some() {
+        let quota = l
+            .cpu_max
+            .map_or_else(|| "max".to_string(), |m| limit_value(m, "max"));
+        let period = l.cpu_period.unwrap_or(DEFAULT_PERIOD);
+        write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+    }
+    if let Some(c) = &l.cpus {
+        write_file(&dir.join("cpuset.cpus"), c)?;
+    }
+    if let Some(m) = &l.mems {
+        write_file(&dir.join("cpuset.mems"), m)?;
+    }
+    for (value, file) in [
+        (l.mem_min, "memory.min"),
+        (l.mem_low, "memory.low"),
+        (l.mem_high, "memory.high"),
+        (l.mem_max, "memory.max"),
+    ] {
+        if let Some(v) = value {
+            write_file(&dir.join(file), &limit_value(v, "max"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check(limits: &Limits, enabled: &[String], root: &Path) -> Result<(), CgroupError> {
+    for (field, ctrl) in requested(limits) {
+        if !enabled.iter().any(|c| c == ctrl) {
+            return Err(CgroupError::Unsupported {
+                field,
+                reason: format!(
+                    "the {ctrl} controller is not enabled in {}/cgroup.subtree_control",
+                    root.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl CgroupBackend for V2Backend {
+    fn is_v2(&self) -> bool {
+        true
+    }
+
+    fn check_supported(&self, limits: &Limits) -> Result<(), CgroupError> {
+        let enabled = lock(&self.enabled).clone();
+        check(
+            limits,
+            enabled.as_deref().unwrap_or(&self.estimate),
+            &self.tree.root,
+        )
+    }
+
+    fn create(&self, path: &[&str], limits: &Limits) -> Result<(), CgroupError> {
+        let dir = self.cell(path)?;
+        self.check_supported(limits)?;
+        let enabled = self.ensure_root()?;
+        // The estimate may have been optimistic; now we know.
+        check(limits, &enabled, &self.tree.root)?;
+        let mut made = Vec::new();
+        let res = self.create_in(&dir, limits, &enabled, &mut made);
+        if res.is_err() {
+            self.tree.remove_created(&made);
+        }
+        res
+    }
+
+    fn procs_files(&self, path: &[&str]) -> Vec<PathBuf> {
+        self.tree
+            .cell_dir(path)
+            .map(|d| vec![d.join(EXEC_LEAF).join("cgroup.procs")])
+            .unwrap_or_default()
+    }
+
+    fn pids(&self, path: &[&str]) -> Result<Vec<i32>, CgroupError> {
+        pids_recursive(&self.cell(path)?)
+    }
+
+    fn kill_all(&self, path: &[&str]) -> Result<(), CgroupError> {
+        let dir = self.cell(path)?;
+        if write_cgroup_kill(&dir)? {
+            return Ok(());
+        }
+        let freeze = dir.join("cgroup.freeze");
+        let freezer = freeze.is_file().then_some(Freezer {
+            file: freeze,
+            freeze: "1",
+            thaw: "0",
+        });
+        super::kill_loop(&dir, freezer)
+    }
+
+    fn remove(&self, path: &[&str], timeout: Duration) -> Result<(), CgroupError> {
+        let dir = self.cell(path)?;
+        let deadline = Instant::now() + timeout;
+        self.tree.remove_dir(&dir.join(EXEC_LEAF), deadline)?;
+        self.tree.remove_dir(&dir, deadline)
+    }
+
+    fn unified_dir(&self, path: &[&str]) -> Option<PathBuf> {
+        self.tree.cell_dir(path).map(|d| d.join(EXEC_LEAF))
+    }
+
+    fn remove_root(&self) -> Result<(), CgroupError> {
+        let mut enabled = lock(&self.enabled);
+        self.tree.remove_root()?;
+        *enabled = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::detect;
+    use super::*;
+
+    /// A temp dir laid out like a cgroup2 mount offering `controllers`.
+    fn layout(controllers: &str) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for (f, v) in [
+            ("cgroup.controllers", controllers),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.procs", ""),
+        ] {
+            fs::write(tmp.path().join(f), v).expect("write");
+        }
+        tmp
+    }
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn limits_land_in_the_right_files() {
+        let tmp = layout("cpuset cpu io memory hugetlb pids");
+        let b = detect(tmp.path(), "0::/\n", None).expect("detect");
+        assert!(b.is_v2());
+        let limits = Limits {
+            cpu_weight: Some(100),
+            cpu_max: Some(50_000),
+            cpu_period: None,
+            cpus: Some("0-1".into()),
+            mems: Some("0".into()),
+            mem_min: Some(1 << 20),
+            mem_low: Some(2 << 20),
+            mem_high: Some(-1),
+            mem_max: Some(64 << 20),
+        };
+        b.create(&["a"], &limits).expect("create");
+        let root = tmp.path().join("aurae");
+        let cell = root.join("a");
+        let all = "+cpu +cpuset +memory +pids";
+        assert_eq!(read(&tmp.path().join("cgroup.subtree_control")), all);
+        assert_eq!(read(&root.join("cgroup.subtree_control")), all);
+        assert_eq!(read(&cell.join("cgroup.subtree_control")), all);
+        for (file, want) in [
+            ("cpu.weight", "100"),
+            ("cpu.max", "50000 100000"),
+            ("cpuset.cpus", "0-1"),
+            ("cpuset.mems", "0"),
+            ("memory.min", "1048576"),
+            ("memory.low", "2097152"),
+            ("memory.high", "max"),
+            ("memory.max", "67108864"),
+        ] {
+            assert_eq!(read(&cell.join(file)), want, "{file}");
+        }
+        assert!(cell.join(EXEC_LEAF).is_dir());
+        assert_eq!(b.procs_files(&["a"]), vec![cell.join("_exec/cgroup.procs")]);
+        assert_eq!(b.unified_dir(&["a"]), Some(cell.join("_exec")));
+
+        let nested = Limits {
+            cpu_max: Some(-1),
+            cpu_period: Some(20_000),
+            ..Limits::default()
+        };
+        b.create(&["a", "b"], &nested).expect("create nested");
+        assert_eq!(read(&cell.join("b/cpu.max")), "max 20000");
+
+        fs::write(cell.join("_exec/cgroup.procs"), "11\n12\n").expect("write");
+        fs::write(cell.join("b/_exec/cgroup.procs"), "13\n").expect("write");
+        let mut pids = b.pids(&["a"]).expect("pids");
+        pids.sort_unstable();
+        assert_eq!(pids, vec![11, 12, 13]);
+
+        b.remove(&["a", "b"], Duration::from_millis(10))
+            .expect("remove b");
+        b.remove(&["a"], Duration::from_millis(10))
+            .expect("remove a");
+        b.remove(&["a"], Duration::from_millis(10))
+            .expect("remove again");
+        assert!(!cell.exists());
+        b.remove_root().expect("remove root");
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn missing_controller_is_unsupported() {
+        let tmp = layout("cpu pids");
+        let b = detect(tmp.path(), "0::/\n", None).expect("detect");
+        let limits = Limits {
+            cpu_weight: Some(5),
+            mem_max: Some(1 << 30),
+            ..Limits::default()
+        };
+        let err = b.check_supported(&limits).expect_err("no memory");
+        assert!(
+            matches!(
+                err,
+                CgroupError::Unsupported {
+                    field: "cell.memory.max",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(b.create(&["a"], &limits).is_err());
+        assert!(!tmp.path().join("aurae/a").exists(), "nothing left behind");
+        b.create(&["a"], &Limits::default())
+            .expect("no limits is fine");
+        assert_eq!(
+            read(&tmp.path().join("aurae/cgroup.subtree_control")),
+            "+cpu +pids"
+        );
+        b.remove(&["a"], Duration::ZERO).expect("remove");
+        b.remove_root().expect("remove root");
+    }
+
+    #[test]
+    fn default_root_is_below_own_cgroup_and_override_is_cleaned_up() {
+        let tmp = layout("cpu memory");
+        fs::create_dir_all(tmp.path().join("svc/x")).expect("mkdir");
+        let b = detect(tmp.path(), "0::/svc/x\n", None).expect("detect");
+        b.create(&["c"], &Limits::default()).expect("create");
+        assert!(tmp.path().join("svc/x/aurae/c/_exec").is_dir());
+        b.remove(&["c"], Duration::ZERO).expect("remove");
+        b.remove_root().expect("remove root");
+        assert!(!tmp.path().join("svc/x/aurae").exists());
+        assert!(tmp.path().join("svc/x").is_dir(), "own cgroup stays");
+
+        let b = detect(tmp.path(), "0::/svc/x\n", Some("/my/aurae")).expect("detect");
+        b.create(&["c"], &Limits::default()).expect("create");
+        assert!(tmp.path().join("my/aurae/c").is_dir());
+        b.remove(&["c"], Duration::ZERO).expect("remove");
+        b.remove_root().expect("remove root");
+        assert!(!tmp.path().join("my").exists(), "created ancestors go too");
+    }
+
+    #[test]
+    fn bad_cell_paths_are_refused() {
+        let tmp = layout("cpu");
+        let b = detect(tmp.path(), "0::/\n", None).expect("detect");
+        for bad in [&[][..], &[".."], &["a/b"], &["_exec"], &[""]] {
+            assert!(b.create(bad, &Limits::default()).is_err(), "{bad:?}");
+            assert!(b.procs_files(bad).is_empty());
+            assert!(b.remove(bad, Duration::ZERO).is_err());
+        }
+    }
+}
