@@ -1,6 +1,7 @@
 //! aer: the command-line client for Aurae nodes. A thin layer over
 //! `aurae-client`: one module per service, each a clap subcommand.
 
+mod cell;
 mod discovery;
 mod health;
 
@@ -35,6 +36,9 @@ enum Command {
     Discover,
     /// Query the standard gRPC health service.
     Health(health::Args),
+    /// Cells: allocate, free, start, stop, list.
+    #[command(subcommand)]
+    Cell(cell::Command),
 }
 
 /// What a command failed with: one readable sentence.
@@ -81,5 +85,6 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Discover => discovery::discover(&client, cli.json).await,
         Command::Health(args) => health::check(&client, args, cli.json).await,
+        Command::Cell(cmd) => cell::run(&client, cmd, cli.json).await,
     }
 }

@@ -13,6 +13,35 @@ pub enum DaemonError {
     Listen(#[from] ListenError),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(tonic_reflection::server::Error),
+    #[error("cannot set up cgroups: {0}")]
+    Cgroup(crate::host::cgroup::CgroupError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
+}
+
+impl From<crate::services::cells::CellsError> for tonic::Status {
+    fn from(e: crate::services::cells::CellsError) -> Self {
+        use crate::{host::cgroup::CgroupError, services::cells::CellsError as E};
+        use tonic::Code;
+        let code = match &e {
+            E::Invalid(_) => Code::InvalidArgument,
+            E::NotFound(_) => Code::NotFound,
+            E::AlreadyExists(_) => Code::AlreadyExists,
+            E::Precondition(_) | E::Cgroup(CgroupError::Unsupported { .. }) => {
+                Code::FailedPrecondition
+            }
+            E::Cgroup(_) | E::Spawn(_) | E::Internal(_) => Code::Internal,
+        };
+        let message = aurae_client::error_chain(&e);
+        if code == Code::Internal {
+            tracing::error!("{message}");
+        }
+        tonic::Status::new(code, message)
+    }
+}
+
+impl From<crate::services::cells::validation::Invalid> for tonic::Status {
+    fn from(e: crate::services::cells::validation::Invalid) -> Self {
+        crate::services::cells::CellsError::from(e).into()
+    }
 }

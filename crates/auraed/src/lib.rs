@@ -20,7 +20,10 @@ pub mod services;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use aurae_client::Target;
-use aurae_proto::discovery::discovery_service_server::DiscoveryServiceServer;
+use aurae_proto::{
+    cells::cell_service_server::CellServiceServer,
+    discovery::discovery_service_server::DiscoveryServiceServer,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -33,7 +36,10 @@ use logging::LogBus;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The fully qualified names of our services, for grpc.health.
-const SERVICE_NAMES: [&str; 1] = ["aurae.discovery.v0.DiscoveryService"];
+const SERVICE_NAMES: [&str; 2] = [
+    "aurae.discovery.v0.DiscoveryService",
+    "aurae.cells.v0.CellService",
+];
 
 /// Runs the daemon until `shutdown` completes, then stops cleanly.
 pub async fn run(
@@ -45,6 +51,19 @@ pub async fn run(
     let tls = listener::tls_config(&config)?;
     let target = Target::parse(&config.socket);
     let listener = Listener::bind(&target).await?;
+
+    let cgroups =
+        host::cgroup::detect_host(config.cgroup_root.as_deref()).map_err(DaemonError::Cgroup)?;
+    tracing::info!(
+        "cgroup backend: {}",
+        if cgroups.is_v2() { "v2" } else { "v1 (hybrid)" }
+    );
+    let outputs = Arc::new(services::cells::output::Outputs::default());
+    let cells = Arc::new(services::cells::Cells::new(
+        cgroups,
+        outputs,
+        Duration::from_secs(config.stop_grace_secs),
+    ));
 
     let token = CancellationToken::new();
     // Whatever path leaves this function, stop accepting (and remove the
@@ -77,15 +96,18 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(DiscoveryServiceServer::new(services::discovery::Discovery));
+        .add_service(DiscoveryServiceServer::new(services::discovery::Discovery))
+        .add_service(CellServiceServer::new(
+            services::cells::CellServiceImpl::new(cells.clone()),
+        ));
 
     let incoming = listener.incoming(tls, token.clone());
     tracing::info!("auraed {VERSION} serving on {target} (mutual TLS)");
 
     let serve = router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     tokio::pin!(serve);
-    tokio::select! {
-        r = &mut serve => r.map_err(DaemonError::Serve)?,
+    let served = tokio::select! {
+        r = &mut serve => r.map_err(DaemonError::Serve),
         () = shutdown => {
             tracing::info!("shutting down: no new connections, in-flight calls get {}s", config::DEFAULT_SHUTDOWN_GRACE_SECS);
             for name in SERVICE_NAMES {
@@ -99,11 +121,15 @@ pub async fn run(
             }
             // Idle connections are not waited for: give the server a moment
             // to send GOAWAY, then drop it.
-            if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), &mut serve).await {
-                r.map_err(DaemonError::Serve)?;
+            match tokio::time::timeout(Duration::from_millis(200), &mut serve).await {
+                Ok(r) => r.map_err(DaemonError::Serve),
+                Err(_) => Ok(()),
             }
         }
-    }
+    };
+    // Whatever happened to the server, leave nothing behind.
+    cells.shutdown().await;
+    served?;
     tracing::info!("auraed stopped");
     Ok(())
 }

@@ -3,6 +3,14 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // A cell's namespace holder is this binary re-executed; it must not
+    // start a runtime or parse flags.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == auraed::host::spawn::HOLDER_ARG)
+    {
+        auraed::host::spawn::holder::main();
+    }
     let config = auraed::Config::parse();
     let logs = auraed::logging::init(config.log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread()

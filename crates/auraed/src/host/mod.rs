@@ -1,3 +1,5 @@
 //! Kernel-facing code. Nothing here imports tonic: each module has its own
 //! error enum, mapped to gRPC status once, in `crate::error`.
 pub mod cgroup;
+pub mod ebpf;
+pub mod spawn;

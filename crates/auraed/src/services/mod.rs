@@ -1,4 +1,5 @@
 //! gRPC services: each module turns requests into domain calls and domain
 //! errors into status codes (through `crate::error`).
 
+pub mod cells;
 pub mod discovery;

@@ -1,0 +1,365 @@
+//! Starting processes in cells: joined to the cell's cgroups before exec
+//! (so memory is charged to the cell from the first page), in the cell's
+//! namespaces, always in a cgroup namespace of their own.
+//!
+//! How a process gets into a pid namespace: `setns(CLONE_NEWPID)` and
+//! `unshare(CLONE_NEWPID)` only change the namespace of the caller's future
+//! children, and only for the calling thread. So the fork happens on a
+//! short-lived thread that first enters (or creates) the pid namespace;
+//! every other namespace is entered in the forked child, before exec.
+//!
+//! An isolated cell keeps its namespaces alive with a holder: `auraed`
+//! itself re-executed in holder mode (see [`holder`]), PID 1 of the cell's
+//! pid namespace, which only reaps orphans until it is killed.
+
+pub mod holder;
+pub mod namespaces;
+
+use std::{
+    ffi::CString,
+    fs::OpenOptions,
+    io,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+};
+
+use tokio::process::{Child, Command};
+
+pub use namespaces::{Kind, NsSet};
+
+/// argv[1] that makes `auraed` run as a cell's namespace holder.
+pub const HOLDER_ARG: &str = "__aurae_cell_holder__";
+/// The environment executables start with.
+const EXEC_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot open {path}: {source}")]
+    Namespace { path: String, source: io::Error },
+    #[error("cannot open cgroup file {path}: {source}")]
+    CgroupFile { path: PathBuf, source: io::Error },
+    #[error("cannot enter the pid namespace: {0}")]
+    PidNamespace(io::Error),
+    #[error("cannot start {what}: {source}")]
+    Start {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("the spawner thread died")]
+    Thread,
+}
+
+/// What a cell's holder sets up.
+#[derive(Debug)]
+pub struct HolderSpec {
+    /// `cgroup.procs` files of the cell.
+    pub procs_files: Vec<PathBuf>,
+    /// Namespaces inherited from the nearest isolated ancestor.
+    pub parent_ns: Option<Arc<NsSet>>,
+    /// New pid, ipc, uts and mount namespaces with a fresh /proc.
+    pub new_process: bool,
+    /// A new network namespace with loopback up.
+    pub new_network: bool,
+    pub hostname: String,
+}
+
+/// A running holder and the namespaces it keeps alive.
+#[derive(Debug)]
+pub struct Holder {
+    pub child: Child,
+    pub pid: i32,
+    pub ns: Arc<NsSet>,
+}
+
+/// Starts the holder of an isolated cell.
+pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
+    let procs = open_procs(&spec.procs_files)?;
+    let mut setup = ChildSetup {
+        procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
+        setns: spec
+            .parent_ns
+            .as_ref()
+            .map(|ns| ns.non_pid())
+            .unwrap_or_default(),
+        unshare: libc::CLONE_NEWCGROUP,
+        new_mount_proc: spec.new_process,
+        hostname: None,
+        loopback_up: spec.new_network,
+        ids: None,
+    };
+    if spec.new_process {
+        setup.unshare |= libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        setup.hostname = Some(CString::new(spec.hostname).map_err(|e| SpawnError::Start {
+            what: "holder",
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        })?);
+    }
+    if spec.new_network {
+        setup.unshare |= libc::CLONE_NEWNET;
+    }
+    let pid_ns = if spec.new_process {
+        PidNs::New
+    } else {
+        spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter)
+    };
+    let child = fork_with(pid_ns, move || {
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg(HOLDER_ARG)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: the closure only makes async-signal-safe system calls
+        // on data prepared before the fork (see ChildSetup::apply).
+        unsafe { cmd.pre_exec(move || setup.apply()) };
+        cmd.spawn().map_err(|source| SpawnError::Start {
+            what: "holder",
+            source,
+        })
+    })
+    .await?;
+    drop(procs);
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or(SpawnError::Thread)?;
+    let ns = Arc::new(NsSet::of_process(pid)?);
+    Ok(Holder { child, pid, ns })
+}
+
+/// What an executable runs in.
+#[derive(Debug)]
+pub struct ExecSpec {
+    pub command: String,
+    /// `cgroup.procs` files of the cell; empty for the host context.
+    pub procs_files: Vec<PathBuf>,
+    /// The cell's namespaces (None: the host's).
+    pub ns: Option<Arc<NsSet>>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Starts `sh -c COMMAND` with stdin from /dev/null and stdout/stderr piped,
+/// as the leader of its own process group.
+pub async fn spawn_executable(spec: ExecSpec) -> Result<Child, SpawnError> {
+    let in_cell = !spec.procs_files.is_empty();
+    let procs = open_procs(&spec.procs_files)?;
+    let setup = ChildSetup {
+        procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
+        setns: spec.ns.as_ref().map(|ns| ns.non_pid()).unwrap_or_default(),
+        unshare: if in_cell { libc::CLONE_NEWCGROUP } else { 0 },
+        new_mount_proc: false,
+        hostname: None,
+        loopback_up: false,
+        ids: (spec.uid.is_some() || spec.gid.is_some()).then(|| {
+            // SAFETY: getuid/getgid cannot fail.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            (spec.uid.unwrap_or(uid), spec.gid.unwrap_or(gid))
+        }),
+    };
+    let pid_ns = spec.ns.clone().map_or(PidNs::Inherit, PidNs::Enter);
+    let command = spec.command;
+    let child = fork_with(pid_ns, move || {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(command)
+            .current_dir("/")
+            .env_clear()
+            .env("PATH", EXEC_PATH)
+            .env("HOME", "/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if !setup.is_noop() {
+            // SAFETY: the closure only makes async-signal-safe system calls
+            // on data prepared before the fork (see ChildSetup::apply).
+            unsafe { cmd.pre_exec(move || setup.apply()) };
+        }
+        cmd.spawn().map_err(|source| SpawnError::Start {
+            what: "executable",
+            source,
+        })
+    })
+    .await?;
+    drop(procs);
+    Ok(child)
+}
+
+fn open_procs(files: &[PathBuf]) -> Result<Vec<OwnedFd>, SpawnError> {
+    files
+        .iter()
+        .map(|p| {
+            OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(OwnedFd::from)
+                .map_err(|source| SpawnError::CgroupFile {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// Which pid namespace the child is forked into.
+enum PidNs {
+    Inherit,
+    Enter(Arc<NsSet>),
+    New,
+}
+
+/// Runs `spawn` (which forks) on a thread whose children land in `pid_ns`.
+async fn fork_with<F>(pid_ns: PidNs, spawn: F) -> Result<Child, SpawnError>
+where
+    F: FnOnce() -> Result<Child, SpawnError> + Send + 'static,
+{
+    let enter: Option<(RawFd, Arc<NsSet>)> = match &pid_ns {
+        PidNs::Enter(ns) => ns.get(Kind::Pid).map(|fd| (fd, ns.clone())),
+        _ => None,
+    };
+    let new = matches!(pid_ns, PidNs::New);
+    if enter.is_none() && !new {
+        // Same pid namespace as the daemon: fork right here.
+        return spawn();
+    }
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("aurae-spawn".into())
+        .spawn(move || {
+            let _rt = handle.enter();
+            let r = (|| {
+                if let Some((fd, _keep_open)) = &enter {
+                    // SAFETY: fd is a namespace fd kept open by `_keep_open`.
+                    if unsafe { libc::setns(*fd, libc::CLONE_NEWPID) } != 0 {
+                        return Err(SpawnError::PidNamespace(io::Error::last_os_error()));
+                    }
+                }
+                // SAFETY: unshare only affects this thread's future children.
+                if new && unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+                    return Err(SpawnError::PidNamespace(io::Error::last_os_error()));
+                }
+                spawn()
+            })();
+            let _ = tx.send(r);
+            // This thread's pid namespace for children is now changed: it
+            // ends here and is never reused.
+        })
+        .map_err(|source| SpawnError::Start {
+            what: "spawner thread",
+            source,
+        })?;
+    rx.await.map_err(|_| SpawnError::Thread)?
+}
+
+/// Everything the forked child does before exec, prepared in the parent so
+/// that the child makes only async-signal-safe system calls.
+struct ChildSetup {
+    procs: Vec<RawFd>,
+    setns: Vec<(libc::c_int, RawFd)>,
+    unshare: libc::c_int,
+    new_mount_proc: bool,
+    hostname: Option<CString>,
+    loopback_up: bool,
+    ids: Option<(u32, u32)>,
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl ChildSetup {
+    fn is_noop(&self) -> bool {
+        self.procs.is_empty() && self.setns.is_empty() && self.unshare == 0 && self.ids.is_none()
+    }
+
+    /// Runs in the forked child. Order matters: join the cgroups first (as
+    /// root, before any namespace change), enter inherited namespaces, make
+    /// new ones, and drop privileges last.
+    fn apply(&self) -> io::Result<()> {
+        for &fd in &self.procs {
+            // SAFETY: fd is an open cgroup.procs file; "0" means "me".
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for &(flag, fd) in &self.setns {
+            // SAFETY: fd is an open namespace file of kind `flag`.
+            check(unsafe { libc::setns(fd, flag) })?;
+        }
+        if self.unshare != 0 {
+            // SAFETY: plain system call on a single-threaded child.
+            check(unsafe { libc::unshare(self.unshare) })?;
+        }
+        if self.new_mount_proc {
+            // SAFETY: constant C strings; the mount namespace is our own
+            // (made private first, so nothing propagates to the host).
+            unsafe {
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+        if let Some(name) = &self.hostname {
+            // SAFETY: name is a valid C string of the given length.
+            check(unsafe { libc::sethostname(name.as_ptr(), name.as_bytes().len()) })?;
+        }
+        if self.loopback_up {
+            loopback_up()?;
+        }
+        if let Some((uid, gid)) = self.ids {
+            // SAFETY: plain system calls; the group list is emptied so no
+            // supplementary group of the daemon leaks into the workload.
+            unsafe {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ip link set lo up` with two ioctls.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a zeroed ifreq is valid; the name fits; the socket is closed
+    // on every path.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(sock)?;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        let mut r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(sock);
+        if r < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

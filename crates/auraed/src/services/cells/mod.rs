@@ -1,0 +1,139 @@
+//! `aurae.cells.v0.CellService`: validation and the gRPC edge; the domain
+//! lives in `state.rs`, the kernel work in `crate::host`.
+
+pub mod executable;
+pub mod output;
+pub mod state;
+pub mod validation;
+
+use std::sync::Arc;
+
+use aurae_proto::cells::{
+    cell_service_server::CellService, CellServiceAllocateRequest, CellServiceAllocateResponse,
+    CellServiceFreeRequest, CellServiceFreeResponse, CellServiceListRequest,
+    CellServiceListResponse, CellServiceStartRequest, CellServiceStartResponse,
+    CellServiceStopRequest, CellServiceStopResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::host::{cgroup::CgroupError, spawn::SpawnError};
+pub use state::{Cells, Context};
+use validation::{CellName, Invalid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CellsError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CellServiceImpl {
+    cells: Arc<Cells>,
+}
+
+impl CellServiceImpl {
+    pub fn new(cells: Arc<Cells>) -> Self {
+        Self { cells }
+    }
+}
+
+fn context(cell_name: Option<String>) -> Result<Context, CellsError> {
+    Ok(match cell_name.filter(|c| !c.is_empty()) {
+        None => Context::Host,
+        Some(c) => Context::Cell(CellName::parse("cell_name", &c)?),
+    })
+}
+
+#[tonic::async_trait]
+impl CellService for CellServiceImpl {
+    async fn allocate(
+        &self,
+        request: Request<CellServiceAllocateRequest>,
+    ) -> Result<Response<CellServiceAllocateResponse>, Status> {
+        let cell = request.into_inner().cell.ok_or_else(|| {
+            CellsError::Invalid(Invalid {
+                field: "cell",
+                reason: "is required".into(),
+            })
+        })?;
+        let name = CellName::parse("cell.name", &cell.name)?;
+        let limits = validation::limits(&cell)?;
+        self.cells.allocate(name.clone(), cell, limits).await?;
+        Ok(Response::new(CellServiceAllocateResponse {
+            cell_name: name.to_string(),
+            cgroup_v2: self.cells.is_v2(),
+        }))
+    }
+
+    async fn free(
+        &self,
+        request: Request<CellServiceFreeRequest>,
+    ) -> Result<Response<CellServiceFreeResponse>, Status> {
+        let name = CellName::parse("cell_name", &request.into_inner().cell_name)?;
+        self.cells.free(&name).await?;
+        Ok(Response::new(CellServiceFreeResponse {}))
+    }
+
+    async fn start(
+        &self,
+        request: Request<CellServiceStartRequest>,
+    ) -> Result<Response<CellServiceStartResponse>, Status> {
+        let r = request.into_inner();
+        let ctx = context(r.cell_name)?;
+        let exe = r.executable.ok_or_else(|| {
+            CellsError::Invalid(Invalid {
+                field: "executable",
+                reason: "is required".into(),
+            })
+        })?;
+        let name = validation::executable_name("executable.name", &exe.name)?;
+        if exe.command.trim().is_empty() {
+            return Err(CellsError::Invalid(Invalid {
+                field: "executable.command",
+                reason: "must not be empty".into(),
+            })
+            .into());
+        }
+        let s = self
+            .cells
+            .start(ctx, name, exe.command, r.uid, r.gid)
+            .await?;
+        Ok(Response::new(CellServiceStartResponse {
+            pid: s.pid,
+            uid: s.uid,
+            gid: s.gid,
+        }))
+    }
+
+    async fn stop(
+        &self,
+        request: Request<CellServiceStopRequest>,
+    ) -> Result<Response<CellServiceStopResponse>, Status> {
+        let r = request.into_inner();
+        let ctx = context(r.cell_name)?;
+        let name = validation::executable_name("executable_name", &r.executable_name)?;
+        self.cells.stop(ctx, &name).await?;
+        Ok(Response::new(CellServiceStopResponse {}))
+    }
+
+    async fn list(
+        &self,
+        _: Request<CellServiceListRequest>,
+    ) -> Result<Response<CellServiceListResponse>, Status> {
+        Ok(Response::new(CellServiceListResponse {
+            cells: self.cells.list(),
+        }))
+    }
+}
