@@ -411,3 +411,32 @@ async fn aer_connection_failure_is_one_clear_sentence() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn python_grpcio_client_calls_discover() {
+    let probe = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: python3 with grpcio and grpcio-tools is not installed (scripts/test installs them)");
+        return;
+    }
+    let d = Daemon::start().await;
+    let cfg = d.client_config();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("python3")
+        .arg(root.join("tests/interop/grpcio_discover.py"))
+        .arg(root.join("api"))
+        .arg(&d.socket)
+        .args([&cfg.auth.ca_crt, &cfg.auth.client_crt, &cfg.auth.client_key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["healthy"], true);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+}
