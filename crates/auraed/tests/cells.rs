@@ -895,3 +895,75 @@ async fn fifty_cells_allocated_and_freed_concurrently() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_nested_cell_can_isolate_again() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let parent = unique("outer");
+    let inner = format!("{parent}/inner");
+    allocate(&c, isolated(&parent)).await.unwrap();
+    allocate(
+        &c,
+        Cell {
+            name: inner.clone(),
+            isolate_process: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outer_pid = start(&c, Some(&parent), "o", "exec sleep 1111")
+        .await
+        .unwrap();
+    let inner_pid = start(&c, Some(&inner), "i", "exec sleep 2222")
+        .await
+        .unwrap();
+    let seen_inside = run_capture(
+        &c,
+        dir.path(),
+        Some(&inner),
+        "look-in",
+        "hostname; readlink /proc/self/ns/pid; ps -eo args",
+    )
+    .await;
+    let seen_outside = run_capture(
+        &c,
+        dir.path(),
+        Some(&parent),
+        "look-out",
+        "hostname; readlink /proc/self/ns/pid; ps -eo args",
+    )
+    .await;
+    let (in_lines, out_lines): (Vec<&str>, Vec<&str>) = (
+        seen_inside.lines().collect(),
+        seen_outside.lines().collect(),
+    );
+    assert_eq!(in_lines[0], "inner", "{seen_inside}");
+    assert_eq!(out_lines[0], parent, "{seen_outside}");
+    assert_ne!(
+        in_lines[1], out_lines[1],
+        "the inner cell has its own pid namespace"
+    );
+    assert!(
+        seen_inside.contains("sleep 2222") && !seen_inside.contains("sleep 1111"),
+        "{seen_inside}"
+    );
+    // The outer pid namespace is an ancestor: it sees the inner processes.
+    assert!(
+        seen_outside.contains("sleep 2222") && seen_outside.contains("sleep 1111"),
+        "{seen_outside}"
+    );
+    free(&c, &parent).await.unwrap();
+    assert!(!alive(outer_pid) && !alive(inner_pid));
+    for dir in cgroup_dirs(&d, &parent) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    wait_for(
+        "the daemon's children to be reaped",
+        Duration::from_secs(5),
+        || children(d.pid()).is_empty(),
+    )
+    .await;
+}

@@ -68,13 +68,38 @@ pub struct HolderSpec {
 /// A running holder and the namespaces it keeps alive.
 #[derive(Debug)]
 pub struct Holder {
+    /// Our child: the holder itself, or for nested pid isolation the
+    /// intermediate process whose child is the holder.
     pub child: Child,
+    /// Host pid of the holder (the process whose namespaces the cell uses).
     pub pid: i32,
     pub ns: Arc<NsSet>,
 }
 
+impl Holder {
+    /// SIGKILLs the holder (ending its pid namespace) and waits, bounded.
+    pub async fn kill(mut self, timeout: std::time::Duration) -> bool {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let _ = self.child.start_kill();
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// How long a nested holder gets to report that its namespaces are ready.
+const NESTED_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts the holder of an isolated cell.
 pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
+    let nested_pid = spec
+        .parent_ns
+        .as_ref()
+        .is_some_and(|ns| ns.get(Kind::Pid).is_some());
+    if spec.new_process && nested_pid {
+        return spawn_nested_holder(spec).await;
+    }
     let procs = open_procs(&spec.procs_files)?;
     let mut setup = ChildSetup {
         procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
@@ -126,6 +151,81 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or(SpawnError::Thread)?;
+    let ns = Arc::new(NsSet::of_process(pid)?);
+    Ok(Holder { child, pid, ns })
+}
+
+/// A new pid namespace inside a cell that already has one. A thread cannot
+/// unshare a pid namespace below the one it entered with setns, so an
+/// intermediate process (in the parent cell's pid namespace) unshares it and
+/// forks the holder, which sets up the other namespaces itself and reports
+/// "ready" on the pipe (see `holder::nested_main`).
+async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
+    use tokio::io::AsyncBufReadExt;
+    let procs = open_procs(&spec.procs_files)?;
+    let setup = ChildSetup {
+        procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
+        setns: spec
+            .parent_ns
+            .as_ref()
+            .map(|ns| ns.non_pid())
+            .unwrap_or_default(),
+        unshare: libc::CLONE_NEWPID | libc::CLONE_NEWCGROUP,
+        new_mount_proc: false,
+        hostname: None,
+        loopback_up: false,
+        ids: None,
+    };
+    let hostname = spec.hostname.clone();
+    let net = if spec.new_network { "net" } else { "-" };
+    let mut child = fork_with(
+        spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter),
+        move || {
+            let mut cmd = Command::new("/proc/self/exe");
+            cmd.args([HOLDER_ARG, holder::NESTED, &hostname, net])
+                .current_dir("/")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            // SAFETY: the closure only makes async-signal-safe system calls
+            // on data prepared before the fork (see ChildSetup::apply).
+            unsafe { cmd.pre_exec(move || setup.apply()) };
+            cmd.spawn().map_err(|source| SpawnError::Start {
+                what: "holder",
+                source,
+            })
+        },
+    )
+    .await?;
+    drop(procs);
+    let not_ready = |why: String| SpawnError::Start {
+        what: "nested holder",
+        source: io::Error::other(why),
+    };
+    let inter = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or(SpawnError::Thread)?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| not_ready("no pipe".into()))?;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stdout);
+    match tokio::time::timeout(NESTED_READY_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) if line.trim() == holder::READY => {}
+        Ok(_) => return Err(not_ready(format!("it failed: {}", line.trim()))),
+        Err(_) => return Err(not_ready("it did not get ready in time".into())),
+    }
+    // The holder is the intermediate's only child; /proc shows it by host pid.
+    let children =
+        std::fs::read_to_string(format!("/proc/{inter}/task/{inter}/children")).unwrap_or_default();
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| not_ready("its holder process is gone".into()))?;
     let ns = Arc::new(NsSet::of_process(pid)?);
     Ok(Holder { child, pid, ns })
 }
@@ -341,7 +441,7 @@ impl ChildSetup {
 }
 
 /// `ip link set lo up` with two ioctls.
-fn loopback_up() -> io::Result<()> {
+pub(crate) fn loopback_up() -> io::Result<()> {
     // SAFETY: a zeroed ifreq is valid; the name fits; the socket is closed
     // on every path.
     unsafe {

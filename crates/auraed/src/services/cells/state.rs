@@ -19,7 +19,7 @@ use super::{
 };
 use crate::host::{
     cgroup::{CgroupBackend, Limits},
-    spawn::{self, ExecSpec, Holder, HolderSpec, Kind, NsSet},
+    spawn::{self, ExecSpec, Holder, HolderSpec, NsSet},
 };
 
 /// How long Free waits for a cell's cgroups to empty.
@@ -148,15 +148,6 @@ impl Cells {
                     _ => return Err(CellsError::NotFound(format!("parent cell {p} not found"))),
                 },
             };
-            if spec.isolate_process
-                && parent_ns
-                    .as_ref()
-                    .is_some_and(|ns| ns.get(Kind::Pid).is_some())
-            {
-                return Err(CellsError::Precondition(format!(
-                    "cell.isolate_process: cell {name} is inside a cell with its own pid namespace; nested pid isolation is not supported yet"
-                )));
-            }
             t.insert(name.clone(), Slot::Allocating);
             parent_ns
         };
