@@ -38,7 +38,7 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_SERVER_KEY)]
     pub server_key: PathBuf,
 
-    /// Runtime state (sockets, per-run files); emptied at start-up.
+    /// Runtime state of this run (sockets, VM control sockets).
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     pub runtime_dir: PathBuf,
 
