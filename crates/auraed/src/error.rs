@@ -45,3 +45,18 @@ impl From<crate::services::cells::validation::Invalid> for tonic::Status {
         crate::services::cells::CellsError::from(e).into()
     }
 }
+
+impl From<crate::services::observe::ObserveError> for tonic::Status {
+    fn from(e: crate::services::observe::ObserveError) -> Self {
+        use crate::services::observe::ObserveError as E;
+        use tonic::Code;
+        let code = match &e {
+            E::Invalid(_) => Code::InvalidArgument,
+            E::NotFound(_) => Code::NotFound,
+            E::Unimplemented(_) => Code::Unimplemented,
+            E::Unavailable(_) => Code::Unavailable,
+            E::Precondition(_) => Code::FailedPrecondition,
+        };
+        tonic::Status::new(code, aurae_client::error_chain(&e))
+    }
+}

@@ -23,6 +23,7 @@ use aurae_client::Target;
 use aurae_proto::{
     cells::cell_service_server::CellServiceServer,
     discovery::discovery_service_server::DiscoveryServiceServer,
+    observe::observe_service_server::ObserveServiceServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -36,15 +37,16 @@ use logging::LogBus;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The fully qualified names of our services, for grpc.health.
-const SERVICE_NAMES: [&str; 2] = [
+const SERVICE_NAMES: [&str; 3] = [
     "aurae.discovery.v0.DiscoveryService",
     "aurae.cells.v0.CellService",
+    "aurae.observe.v0.ObserveService",
 ];
 
 /// Runs the daemon until `shutdown` completes, then stops cleanly.
 pub async fn run(
     config: Config,
-    _logs: Arc<LogBus>,
+    logs: Arc<LogBus>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     pki::ensure(&config)?;
@@ -64,6 +66,13 @@ pub async fn run(
         outputs,
         Duration::from_secs(config.stop_grace_secs),
     ));
+
+    // Without BPF the daemon still serves everything else; the signal
+    // stream then answers UNAVAILABLE with this reason.
+    let signals = host::ebpf::SignalObserver::start().map_err(|e| {
+        tracing::warn!("POSIX signal stream disabled: {e}");
+        e.to_string()
+    });
 
     let token = CancellationToken::new();
     // Whatever path leaves this function, stop accepting (and remove the
@@ -99,6 +108,14 @@ pub async fn run(
         .add_service(DiscoveryServiceServer::new(services::discovery::Discovery))
         .add_service(CellServiceServer::new(
             services::cells::CellServiceImpl::new(cells.clone()),
+        ))
+        .add_service(ObserveServiceServer::new(
+            services::observe::ObserveServiceImpl::new(
+                logs,
+                cells.clone(),
+                signals,
+                token.child_token(),
+            ),
         ));
 
     let incoming = listener.incoming(tls, token.clone());

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod observe;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},

@@ -15,10 +15,14 @@ use tokio::{
 
 use crate::logging::now_nanos;
 
-/// Lines kept per stream for late subscribers.
-pub const OUTPUT_BACKLOG_LINES: usize = 10_000;
-/// Bytes kept per stream for late subscribers.
+/// Lines kept per stream for late (and lagging) subscribers.
+pub const OUTPUT_BACKLOG_LINES: usize = 128 << 10;
+/// Bytes kept per stream for late (and lagging) subscribers, counting
+/// [`LINE_OVERHEAD`] per line so that many short lines are bounded too.
 pub const OUTPUT_BACKLOG_BYTES: usize = 8 << 20;
+/// What one kept line costs besides its text (Arc header, timestamp, seq,
+/// deque slot), for the byte bound.
+const LINE_OVERHEAD: usize = 64;
 /// Longer lines are split into pieces of this size, never dropped.
 pub const MAX_LINE: usize = 64 << 10;
 /// Live lines buffered per subscriber before it starts losing the oldest.
@@ -41,6 +45,9 @@ impl Channel {
 
 #[derive(Debug, Clone)]
 pub struct Line {
+    /// Position in this stream (0, 1, 2, ...): a subscriber that lagged
+    /// behind the live channel resumes from the backlog by it.
+    pub seq: u64,
     /// Nanoseconds since the Unix epoch, when the daemon read it.
     pub timestamp: i64,
     pub text: Arc<str>,
@@ -59,6 +66,8 @@ struct Backlog {
     lines: VecDeque<Line>,
     bytes: usize,
     closed: bool,
+    /// The seq of the next line pushed.
+    next_seq: u64,
 }
 
 /// One channel (stdout or stderr) of one executable.
@@ -73,6 +82,19 @@ pub struct Subscription {
     pub backlog: Vec<Line>,
     pub closed: bool,
     pub live: broadcast::Receiver<Event>,
+    /// The seq of the first line not in `backlog`.
+    pub next_seq: u64,
+}
+
+/// Lines read from the backlog by seq ([`OutputStream::read_from`]).
+pub struct Since {
+    /// Lines between the requested seq and the oldest kept one: gone.
+    pub lost: u64,
+    pub lines: Vec<Line>,
+    /// The seq after the last line returned.
+    pub next_seq: u64,
+    /// No line follows `lines` and none ever will.
+    pub closed: bool,
 }
 
 impl OutputStream {
@@ -84,16 +106,19 @@ impl OutputStream {
     }
 
     fn push(&self, text: &[u8]) {
-        let line = Line {
-            timestamp: now_nanos(),
-            text: String::from_utf8_lossy(text).into(),
-        };
+        let text: Arc<str> = String::from_utf8_lossy(text).into();
         let mut b = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
-        b.bytes += line.text.len();
+        let line = Line {
+            seq: b.next_seq,
+            timestamp: now_nanos(),
+            text,
+        };
+        b.next_seq += 1;
+        b.bytes += line.text.len() + LINE_OVERHEAD;
         b.lines.push_back(line.clone());
         while b.lines.len() > OUTPUT_BACKLOG_LINES || b.bytes > OUTPUT_BACKLOG_BYTES {
             match b.lines.pop_front() {
-                Some(old) => b.bytes -= old.text.len(),
+                Some(old) => b.bytes -= old.text.len() + LINE_OVERHEAD,
                 None => break,
             }
         }
@@ -120,6 +145,25 @@ impl OutputStream {
             backlog: b.lines.iter().cloned().collect(),
             closed: b.closed,
             live: self.live.subscribe(),
+            next_seq: b.next_seq,
+        }
+    }
+
+    /// Up to `max` kept lines from `seq` on, and how many lines from `seq`
+    /// were already dropped from the backlog. Observe uses it to catch up a
+    /// subscriber that lagged behind the live channel.
+    pub fn read_from(&self, seq: u64, max: usize) -> Since {
+        let b = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let first = b.lines.front().map_or(b.next_seq, |l| l.seq);
+        let start = seq.max(first);
+        let skip = usize::try_from(start - first).unwrap_or(usize::MAX);
+        let lines: Vec<Line> = b.lines.iter().skip(skip).take(max).cloned().collect();
+        let next_seq = lines.last().map_or(start, |l| l.seq + 1);
+        Since {
+            lost: start - seq.min(start),
+            closed: b.closed && next_seq == b.next_seq,
+            next_seq,
+            lines,
         }
     }
 
@@ -246,11 +290,39 @@ mod tests {
     #[tokio::test]
     async fn backlog_is_bounded() {
         let s = OutputStream::new();
-        for i in 0..OUTPUT_BACKLOG_LINES + 10 {
-            s.push(format!("{i}").as_bytes());
+        // Empty lines: the line bound binds before the byte bound.
+        for _ in 0..OUTPUT_BACKLOG_LINES + 10 {
+            s.push(b"");
         }
         let sub = s.subscribe();
         assert_eq!(sub.backlog.len(), OUTPUT_BACKLOG_LINES);
-        assert_eq!(&*sub.backlog[0].text, "10");
+        assert_eq!(sub.backlog[0].seq, 10);
+        assert_eq!(sub.next_seq, (OUTPUT_BACKLOG_LINES + 10) as u64);
+        let r = s.read_from(3, 5);
+        assert_eq!(r.lost, 7);
+        assert_eq!(r.lines.len(), 5);
+        assert_eq!(r.lines[0].seq, 10);
+        assert_eq!(r.next_seq, 15);
+        assert!(!r.closed);
+        let end = s.read_from(sub.next_seq, 5);
+        assert!(end.lines.is_empty() && end.lost == 0);
+        s.close();
+        assert!(s.read_from(sub.next_seq, 5).closed);
+    }
+
+    #[test]
+    fn many_short_lines_are_bounded_by_bytes() {
+        let s = OutputStream::new();
+        for _ in 0..OUTPUT_BACKLOG_LINES {
+            s.push(&[b'x'; 100]);
+        }
+        let sub = s.subscribe();
+        let bytes: usize = sub
+            .backlog
+            .iter()
+            .map(|l| l.text.len() + LINE_OVERHEAD)
+            .sum();
+        assert!(bytes <= OUTPUT_BACKLOG_BYTES, "{bytes}");
+        assert!(sub.backlog.len() < OUTPUT_BACKLOG_LINES);
     }
 }

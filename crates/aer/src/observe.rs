@@ -1,0 +1,198 @@
+//! `aer observe logs|output|signals`: follow one of the daemon's streams and
+//! print one line per item (JSON lines with `--json`).
+
+use std::io::Write;
+
+use aurae_client::{
+    proto::observe::{
+        GetAuraeDaemonLogStreamRequest, GetPosixSignalsStreamRequest, GetSubProcessStreamRequest,
+        LogChannelType, LogItem, Signal, Workload, WorkloadType,
+    },
+    Client,
+};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::{status, Failure};
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Follow the daemon's log (recent lines first).
+    Logs,
+    /// Print an executable's output until it ends (kept lines first).
+    Output {
+        /// Host pid, as printed by `aer cell start`.
+        pid: i32,
+        /// Stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Follow POSIX signals delivered on the host, or to one cell's processes.
+    Signals {
+        /// Only signals to processes in this cell or its descendants.
+        #[arg(long)]
+        cell: Option<String>,
+    },
+}
+
+pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Failure> {
+    let mut observe = client.observe();
+    let mut out = Printer::new(json_out);
+    match cmd {
+        Command::Logs => {
+            let mut s = observe
+                .get_aurae_daemon_log_stream(GetAuraeDaemonLogStreamRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(r) = s.message().await.map_err(status)? {
+                if let Some(item) = r.item {
+                    out.log(&item)?;
+                }
+            }
+        }
+        Command::Output { pid, stderr } => {
+            let channel = if stderr {
+                LogChannelType::Stderr
+            } else {
+                LogChannelType::Stdout
+            };
+            let mut s = observe
+                .get_sub_process_stream(GetSubProcessStreamRequest {
+                    channel_type: channel.into(),
+                    process_id: pid,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(r) = s.message().await.map_err(status)? {
+                if let Some(item) = r.item {
+                    out.log(&item)?;
+                }
+            }
+        }
+        Command::Signals { cell } => {
+            let workload = cell.map(|id| Workload {
+                workload_type: WorkloadType::Cell.into(),
+                id,
+            });
+            let mut s = observe
+                .get_posix_signals_stream(GetPosixSignalsStreamRequest { workload })
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(r) = s.message().await.map_err(status)? {
+                if let Some(sig) = r.signal {
+                    out.signal(&sig)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes to stdout; a closed stdout (`aer observe logs | head`) ends the
+/// command quietly instead of panicking like `println!`.
+struct Printer {
+    json: bool,
+    stdout: std::io::Stdout,
+}
+
+impl Printer {
+    fn new(json: bool) -> Self {
+        Self {
+            json,
+            stdout: std::io::stdout(),
+        }
+    }
+
+    fn write(&mut self, line: &str) -> Result<(), Failure> {
+        let mut o = self.stdout.lock();
+        match writeln!(o, "{line}").and_then(|()| o.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            r => Ok(r?),
+        }
+    }
+
+    fn log(&mut self, item: &LogItem) -> Result<(), Failure> {
+        if self.json {
+            let v =
+                json!({ "channel": item.channel, "line": item.line, "timestamp": item.timestamp });
+            self.write(&v.to_string())
+        } else {
+            self.write(&item.line)
+        }
+    }
+
+    fn signal(&mut self, s: &Signal) -> Result<(), Failure> {
+        if self.json {
+            let v = json!({ "signal": s.signal, "name": signal_name(s.signal), "process_id": s.process_id });
+            self.write(&v.to_string())
+        } else {
+            self.write(&format!(
+                "{} ({}) pid {}",
+                signal_name(s.signal),
+                s.signal,
+                s.process_id
+            ))
+        }
+    }
+}
+
+/// Linux signal names (x86/arm numbering); real-time ones as glibc's
+/// SIGRTMIN+n (glibc reserves 32 and 33).
+fn signal_name(n: i32) -> String {
+    const NAMES: [&str; 31] = [
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
+    ];
+    match n {
+        1..=31 => NAMES[(n - 1) as usize].to_owned(),
+        34 => "SIGRTMIN".to_owned(),
+        35..=64 => format!("SIGRTMIN+{}", n - 34),
+        _ => format!("SIG{n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signal_name;
+
+    #[test]
+    fn names() {
+        assert_eq!(signal_name(10), "SIGUSR1");
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(31), "SIGSYS");
+        assert_eq!(signal_name(35), "SIGRTMIN+1");
+        assert_eq!(signal_name(0), "SIG0");
+    }
+}

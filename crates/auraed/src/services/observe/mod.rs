@@ -1,0 +1,256 @@
+//! `aurae.observe.v0.ObserveService`: three server streams.
+//!
+//! Each stream is a spawned producer feeding a bounded mpsc channel (tonic's
+//! streaming example). The producer reads from a fan-out that never waits
+//! for it (the daemon's `LogBus`, an executable's `OutputStream`, the eBPF
+//! `SignalObserver`), so a slow client can only lose its own lines, never
+//! slow the daemon or a child's pipe. A failed send, or the receiver being
+//! dropped, means the client is gone: the producer stops. All producers stop
+//! when the daemon shuts down.
+
+mod logs;
+mod signals;
+mod subprocess;
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use aurae_proto::observe::{
+    observe_service_server::ObserveService, GetAuraeDaemonLogStreamRequest,
+    GetAuraeDaemonLogStreamResponse, GetPosixSignalsStreamRequest, GetPosixSignalsStreamResponse,
+    GetSubProcessStreamRequest, GetSubProcessStreamResponse, LogChannelType, WorkloadType,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::cells::{output::Channel, validation::CellName, validation::Invalid, Cells};
+use crate::{host::ebpf::SignalObserver, logging::LogBus};
+
+/// Items buffered between a producer and tonic, per stream.
+const STREAM_CAPACITY: usize = 128;
+/// How long a producer tries to tell its client that the daemon stops.
+const SHUTDOWN_NOTICE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// The signal probe, or why it could not be loaded at start-up.
+pub type SignalSource = Result<Arc<SignalObserver>, String>;
+
+#[derive(Clone)]
+pub struct ObserveServiceImpl {
+    logs: Arc<LogBus>,
+    cells: Arc<Cells>,
+    signals: SignalSource,
+    shutdown: CancellationToken,
+}
+
+impl ObserveServiceImpl {
+    pub fn new(
+        logs: Arc<LogBus>,
+        cells: Arc<Cells>,
+        signals: SignalSource,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            logs,
+            cells,
+            signals,
+            shutdown,
+        }
+    }
+}
+
+type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Runs `produce` in its own task and returns the client's side of its
+/// channel. The task ends when `produce` returns, when the client goes away
+/// (the receiver is dropped; noticed even while `produce` waits for input),
+/// or when the daemon shuts down (the client then gets UNAVAILABLE).
+fn spawn_stream<T, F, Fut>(shutdown: &CancellationToken, produce: F) -> ItemStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+    let watch = tx.clone();
+    let producer = produce(tx);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = producer => {}
+            () = watch.closed() => {}
+            () = shutdown.cancelled() => {
+                let notice = Status::unavailable("auraed is shutting down");
+                let _ = tokio::time::timeout(SHUTDOWN_NOTICE, watch.send(Err(notice))).await;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// Validates the channel of a GetSubProcessStream request.
+fn channel(value: i32) -> Result<Channel, Invalid> {
+    match LogChannelType::try_from(value) {
+        Ok(LogChannelType::Stdout) => Ok(Channel::Stdout),
+        Ok(LogChannelType::Stderr) => Ok(Channel::Stderr),
+        Ok(LogChannelType::Unspecified) => Err(Invalid {
+            field: "channel_type",
+            reason: "must be LOG_CHANNEL_TYPE_STDOUT or LOG_CHANNEL_TYPE_STDERR, got UNSPECIFIED"
+                .into(),
+        }),
+        Err(_) => Err(Invalid {
+            field: "channel_type",
+            reason: format!("must be LOG_CHANNEL_TYPE_STDOUT (1) or _STDERR (2), got {value}"),
+        }),
+    }
+}
+
+/// What a GetPosixSignalsStream request asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Scope {
+    Host,
+    Cell(CellName),
+}
+
+fn scope(r: &GetPosixSignalsStreamRequest) -> Result<Scope, ObserveError> {
+    let Some(w) = &r.workload else {
+        return Ok(Scope::Host);
+    };
+    match WorkloadType::try_from(w.workload_type) {
+        Ok(WorkloadType::Unspecified) => Ok(Scope::Host),
+        Ok(WorkloadType::Cell) => Ok(Scope::Cell(CellName::parse("workload.id", &w.id)?)),
+        Ok(WorkloadType::PodSandbox) => Err(ObserveError::Unimplemented(
+            "signals of POD_SANDBOX workloads are not supported yet; use WORKLOAD_TYPE_CELL".into(),
+        )),
+        Ok(WorkloadType::Vm) => Err(ObserveError::Unimplemented(
+            "signals of VM workloads are not supported yet; use WORKLOAD_TYPE_CELL".into(),
+        )),
+        Err(_) => Err(Invalid {
+            field: "workload.workload_type",
+            reason: format!("must be 0..=3, got {}", w.workload_type),
+        }
+        .into()),
+    }
+}
+
+#[tonic::async_trait]
+impl ObserveService for ObserveServiceImpl {
+    type GetAuraeDaemonLogStreamStream = ItemStream<GetAuraeDaemonLogStreamResponse>;
+    type GetSubProcessStreamStream = ItemStream<GetSubProcessStreamResponse>;
+    type GetPosixSignalsStreamStream = ItemStream<GetPosixSignalsStreamResponse>;
+
+    async fn get_aurae_daemon_log_stream(
+        &self,
+        _: Request<GetAuraeDaemonLogStreamRequest>,
+    ) -> Result<Response<Self::GetAuraeDaemonLogStreamStream>, Status> {
+        // Subscribe before returning, so every line logged after the
+        // response headers reach the client is in the stream.
+        let (backlog, live) = self.logs.subscribe();
+        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
+            logs::produce(backlog, live, tx)
+        })))
+    }
+
+    async fn get_sub_process_stream(
+        &self,
+        request: Request<GetSubProcessStreamRequest>,
+    ) -> Result<Response<Self::GetSubProcessStreamStream>, Status> {
+        let r = request.into_inner();
+        let channel = channel(r.channel_type).map_err(ObserveError::from)?;
+        if r.process_id <= 0 {
+            return Err(ObserveError::from(Invalid {
+                field: "process_id",
+                reason: format!("must be a host pid > 0, got {}", r.process_id),
+            })
+            .into());
+        }
+        let output = self.cells.outputs().get(r.process_id).ok_or_else(|| {
+            ObserveError::NotFound(format!(
+                "no executable with pid {} (never started by this daemon, or stopped)",
+                r.process_id
+            ))
+        })?;
+        let stream = output.channel(channel).clone();
+        let sub = stream.subscribe();
+        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
+            subprocess::produce(stream, sub, channel, tx)
+        })))
+    }
+
+    async fn get_posix_signals_stream(
+        &self,
+        request: Request<GetPosixSignalsStreamRequest>,
+    ) -> Result<Response<Self::GetPosixSignalsStreamStream>, Status> {
+        let scope = scope(request.get_ref())?;
+        let observer = self.signals.clone().map_err(ObserveError::Unavailable)?;
+        let filter = match scope {
+            Scope::Host => None,
+            Scope::Cell(name) => Some(signals::CellFilter::new(self.cells.clone(), name)?),
+        };
+        let live = observer.subscribe();
+        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
+            signals::produce(live, filter, tx)
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aurae_proto::observe::Workload;
+
+    use super::*;
+
+    #[test]
+    fn channel_is_validated() {
+        assert_eq!(channel(1).ok(), Some(Channel::Stdout));
+        assert_eq!(channel(2).ok(), Some(Channel::Stderr));
+        assert!(channel(0).is_err());
+        let e = channel(7).expect_err("unknown channel");
+        assert!(e.to_string().contains("channel_type"), "{e}");
+    }
+
+    fn req(t: i32, id: &str) -> GetPosixSignalsStreamRequest {
+        GetPosixSignalsStreamRequest {
+            workload: Some(Workload {
+                workload_type: t,
+                id: id.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn scope_is_validated() {
+        let none = GetPosixSignalsStreamRequest { workload: None };
+        assert_eq!(scope(&none).ok(), Some(Scope::Host));
+        assert_eq!(scope(&req(0, "")).ok(), Some(Scope::Host));
+        assert!(matches!(scope(&req(1, "a/b")), Ok(Scope::Cell(_))));
+        assert!(matches!(scope(&req(1, "")), Err(ObserveError::Invalid(_))));
+        assert!(matches!(
+            scope(&req(1, "a b")),
+            Err(ObserveError::Invalid(_))
+        ));
+        assert!(matches!(
+            scope(&req(2, "x")),
+            Err(ObserveError::Unimplemented(_))
+        ));
+        assert!(matches!(
+            scope(&req(3, "x")),
+            Err(ObserveError::Unimplemented(_))
+        ));
+        assert!(matches!(scope(&req(9, "x")), Err(ObserveError::Invalid(_))));
+    }
+}

@@ -1,0 +1,231 @@
+//! GetSubProcessStream end to end: executables in the host context, an
+//! isolated cell and a nested cell; order, volume, long lines, bad UTF-8,
+//! slow and absent readers, errors. Needs root (cells).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aurae_client::proto::observe::{GetSubProcessStreamRequest, LogChannelType};
+use common::{observe::*, unique, Daemon};
+use tonic::Code;
+
+#[tokio::test]
+async fn output_streams_in_host_isolated_and_nested_cells() {
+    if !is_root() {
+        return skip(
+            "output_streams_in_host_isolated_and_nested_cells",
+            "needs root",
+        );
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let iso = unique("obs-iso");
+    let nested = format!("{iso}/{}", unique("inner"));
+    allocate(&c, &iso, true).await;
+    allocate(&c, &nested, false).await;
+    // Some lines are in the backlog when we subscribe, some arrive live.
+    let script = "echo out1; echo err1 >&2; sleep 0.5; echo out2; echo err2 >&2; echo out3";
+    for cell in [None, Some(iso.as_str()), Some(nested.as_str())] {
+        let pid = start(&c, cell, &unique("talk"), script).await;
+        let (out, err) = tokio::join!(
+            read_output(&c, pid, LogChannelType::Stdout),
+            read_output(&c, pid, LogChannelType::Stderr)
+        );
+        assert_eq!(out, ["out1", "out2", "out3"], "stdout in {cell:?}");
+        assert_eq!(err, ["err1", "err2"], "stderr in {cell:?}");
+        // After the end, a new subscriber still gets the kept lines.
+        let again = read_output(&c, pid, LogChannelType::Stdout).await;
+        assert_eq!(
+            again,
+            ["out1", "out2", "out3"],
+            "late subscriber in {cell:?}"
+        );
+    }
+    free(&c, &iso).await;
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_lines_arrive_once_in_order() {
+    if !is_root() {
+        return skip(
+            "a_hundred_thousand_lines_arrive_once_in_order",
+            "needs root",
+        );
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let gate = d.dir.path().join("gate");
+    let cmd = format!(
+        "while [ ! -e {g} ]; do sleep 0.01; done; seq 1 100000; echo e1 >&2; echo e2 >&2",
+        g = gate.display()
+    );
+    let pid = start(&c, None, &unique("seq"), &cmd).await;
+    let mut s = c
+        .observe()
+        .get_sub_process_stream(output_req(pid, LogChannelType::Stdout))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // Subscribed (headers are back): now let it write, as fast as it can.
+    std::fs::write(&gate, "").expect("open the gate");
+    let t = Instant::now();
+    let mut n = 0u32;
+    while let Some(r) = tokio::time::timeout(STEP, s.message())
+        .await
+        .expect("stalled")
+        .expect("stream error")
+    {
+        n += 1;
+        let line = r.item.expect("item").line;
+        assert_eq!(line, n.to_string(), "line {n}");
+    }
+    let took = t.elapsed();
+    eprintln!(
+        "100000 lines in {took:?} ({:.0} lines/s)",
+        f64::from(n) / took.as_secs_f64()
+    );
+    assert_eq!(n, 100_000);
+    assert_eq!(
+        read_output(&c, pid, LogChannelType::Stderr).await,
+        ["e1", "e2"]
+    );
+}
+
+#[tokio::test]
+async fn long_lines_are_split_and_invalid_utf8_is_replaced() {
+    if !is_root() {
+        return skip(
+            "long_lines_are_split_and_invalid_utf8_is_replaced",
+            "needs root",
+        );
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let cmd = "head -c 204800 /dev/zero | tr '\\0' a; echo; printf 'x\\377y\\n'; echo end";
+    let pid = start(&c, None, &unique("long"), cmd).await;
+    let lines = read_output(&c, pid, LogChannelType::Stdout).await;
+    let lens: Vec<usize> = lines.iter().map(String::len).collect();
+    assert_eq!(lens[..4], [65536, 65536, 65536, 8192], "200 KiB line split");
+    assert!(lines[..4].iter().all(|l| l.bytes().all(|b| b == b'a')));
+    assert_eq!(lines[4..], ["x\u{fffd}y", "end"]);
+}
+
+/// True once `pid` has exited (gone, or a zombie not yet reaped).
+#[tokio::test]
+async fn an_unwatched_chatty_executable_never_blocks() {
+    if !is_root() {
+        return skip("an_unwatched_chatty_executable_never_blocks", "needs root");
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let rss0 = rss_kib(d.pid());
+    // 50 MiB of 100-byte lines, then a marker; nobody subscribed.
+    let line = "a".repeat(99);
+    let cmd = format!("yes {line} | head -c 52428800; echo done");
+    let pid = start(&c, None, &unique("chatty"), &cmd).await;
+    let t = Instant::now();
+    while !exited(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "it blocked on its pipe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t.elapsed();
+    let kept = read_output(&c, pid, LogChannelType::Stdout).await;
+    let rss1 = rss_kib(d.pid());
+    eprintln!(
+        "50 MiB unwatched in {took:?}; kept {} lines; daemon RSS {rss0} -> {rss1} KiB",
+        kept.len()
+    );
+    assert_eq!(kept.last().map(String::as_str), Some("done"));
+    assert!(kept.len() < 524_288 / 4, "backlog bounded: {}", kept.len());
+    assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} -> {rss1} KiB");
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_grow_the_daemon() {
+    if !is_root() {
+        return skip(
+            "a_client_that_never_reads_does_not_grow_the_daemon",
+            "needs root",
+        );
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let gate = d.dir.path().join("gate");
+    let line = "b".repeat(99);
+    let cmd = format!(
+        "while [ ! -e {g} ]; do sleep 0.01; done; yes {line} | head -c 104857600; echo done",
+        g = gate.display()
+    );
+    let pid = start(&c, None, &unique("flood"), &cmd).await;
+    let rss0 = rss_kib(d.pid());
+    let mut stuck = c
+        .observe()
+        .get_sub_process_stream(output_req(pid, LogChannelType::Stdout))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    std::fs::write(&gate, "").expect("open the gate");
+    let t = Instant::now();
+    while !exited(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "it blocked on its pipe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss1 = rss_kib(d.pid());
+    eprintln!("100 MiB with a client that never reads: daemon RSS {rss0} -> {rss1} KiB");
+    assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} -> {rss1} KiB");
+    // The stuck client is told it lost lines once it reads.
+    let first = stuck.message().await.expect("stream").expect("an item");
+    let _ = first;
+    let mut told = false;
+    while let Ok(Ok(Some(r))) = tokio::time::timeout(STEP, stuck.message()).await {
+        if r.item.expect("item").line.contains("lines were dropped") {
+            told = true;
+            break;
+        }
+    }
+    assert!(told, "a lagging subscriber is told how many lines it lost");
+}
+
+#[tokio::test]
+async fn output_stream_errors() {
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let code = |r: Result<_, tonic::Status>| r.map(|_| ()).expect_err("must fail").code();
+    let mut o = c.observe();
+    let unknown = o
+        .get_sub_process_stream(output_req(i32::MAX, LogChannelType::Stdout))
+        .await;
+    assert_eq!(code(unknown), Code::NotFound);
+    if !is_root() {
+        return skip("output_stream_errors (after NOT_FOUND)", "needs root");
+    }
+    let name = unique("sleeper");
+    let pid = start(&c, None, &name, "exec sleep 300").await;
+    for bad in [0, 7, -1] {
+        let r = o
+            .get_sub_process_stream(GetSubProcessStreamRequest {
+                channel_type: bad,
+                process_id: pid,
+            })
+            .await;
+        let e = r.map(|_| ()).expect_err("bad channel");
+        assert_eq!(e.code(), Code::InvalidArgument, "channel {bad}");
+        assert!(e.message().contains("channel_type"), "{}", e.message());
+    }
+    let bad_pid = o
+        .get_sub_process_stream(output_req(0, LogChannelType::Stdout))
+        .await;
+    assert_eq!(code(bad_pid), Code::InvalidArgument);
+    stop(&c, None, &name).await;
+    let gone = o
+        .get_sub_process_stream(output_req(pid, LogChannelType::Stdout))
+        .await;
+    assert_eq!(code(gone), Code::NotFound);
+}
