@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 mod inflight;
+pub mod init;
 pub mod listener;
 pub mod logging;
 pub mod pki;
