@@ -15,6 +15,8 @@ pub enum DaemonError {
     Reflection(tonic_reflection::server::Error),
     #[error("cannot set up cgroups: {0}")]
     Cgroup(crate::host::cgroup::CgroupError),
+    #[error("cannot set up VMs: {0}")]
+    Hypervisor(#[from] crate::host::hypervisor::HypervisorError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
 }
@@ -43,5 +45,29 @@ impl From<crate::services::cells::CellsError> for tonic::Status {
 impl From<crate::services::cells::validation::Invalid> for tonic::Status {
     fn from(e: crate::services::cells::validation::Invalid) -> Self {
         crate::services::cells::CellsError::from(e).into()
+    }
+}
+
+impl From<crate::services::vms::VmsError> for tonic::Status {
+    fn from(e: crate::services::vms::VmsError) -> Self {
+        use crate::services::{cells::CellsError, vms::VmsError as E};
+        use tonic::Code;
+        let code = match &e {
+            E::Invalid(_) => Code::InvalidArgument,
+            E::NotFound(_) => Code::NotFound,
+            E::AlreadyExists(_) => Code::AlreadyExists,
+            E::Precondition(_) => Code::FailedPrecondition,
+            // The cells' own mapping (a refused limit is the caller's).
+            // A limit the cells refuse is the caller's sizing.
+            E::Cells(CellsError::Invalid(_)) => Code::InvalidArgument,
+            E::Cells(_) => Code::Internal,
+            E::Boot(_) => Code::Unavailable,
+            E::Hypervisor(_) | E::Identity(_) | E::Io(..) => Code::Internal,
+        };
+        let message = aurae_client::error_chain(&e);
+        if matches!(code, Code::Internal | Code::Unavailable) {
+            tracing::error!("{message}");
+        }
+        tonic::Status::new(code, message)
     }
 }

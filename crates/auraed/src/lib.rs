@@ -24,6 +24,7 @@ use aurae_client::Target;
 use aurae_proto::{
     cells::cell_service_server::CellServiceServer,
     discovery::discovery_service_server::DiscoveryServiceServer,
+    vms::vm_service_server::VmServiceServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -37,9 +38,10 @@ use logging::LogBus;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The fully qualified names of our services, for grpc.health.
-const SERVICE_NAMES: [&str; 2] = [
+const SERVICE_NAMES: [&str; 3] = [
     "aurae.discovery.v0.DiscoveryService",
     "aurae.cells.v0.CellService",
+    "aurae.vms.v0.VmService",
 ];
 
 /// Runs the daemon until `shutdown` completes, then stops cleanly.
@@ -64,6 +66,20 @@ pub async fn run(
         cgroups,
         outputs,
         Duration::from_secs(config.stop_grace_secs),
+    ));
+
+    let accel = host::hypervisor::detect_accel(&config.vm_accel)?;
+    let qemu = host::hypervisor::qemu::Qemu::locate(config.qemu.as_deref());
+    let vms = Arc::new(services::vms::Vms::new(
+        Arc::new(qemu),
+        cells.clone(),
+        services::vms::VmSettings {
+            runtime_dir: config.runtime_dir.clone(),
+            ca_crt: config.ca_crt.clone(),
+            accel,
+            boot_timeout: Duration::from_secs(config.vm_boot_timeout_secs),
+            stop_timeout: Duration::from_secs(config.vm_stop_timeout_secs),
+        },
     ));
 
     let token = CancellationToken::new();
@@ -100,7 +116,10 @@ pub async fn run(
         .add_service(DiscoveryServiceServer::new(services::discovery::Discovery))
         .add_service(CellServiceServer::new(
             services::cells::CellServiceImpl::new(cells.clone()),
-        ));
+        ))
+        .add_service(VmServiceServer::new(services::vms::VmServiceImpl::new(
+            vms.clone(),
+        )));
 
     let incoming = listener.incoming(tls, token.clone());
     tracing::info!("auraed {VERSION} serving on {target} (mutual TLS)");
@@ -128,7 +147,9 @@ pub async fn run(
             }
         }
     };
-    // Whatever happened to the server, leave nothing behind.
+    // Whatever happened to the server, leave nothing behind: guests get
+    // their power button first, then the cells (QEMU's among them) go.
+    vms.shutdown().await;
     cells.shutdown().await;
     served?;
     tracing::info!("auraed stopped");

@@ -3,3 +3,4 @@
 
 pub mod cells;
 pub mod discovery;
+pub mod vms;
