@@ -4,6 +4,7 @@
 mod cell;
 mod discovery;
 mod health;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -39,6 +40,9 @@ enum Command {
     /// Cells: allocate, free, start, stop, list.
     #[command(subcommand)]
     Cell(cell::Command),
+    /// VMs: create, start, stop, free, list.
+    #[command(subcommand)]
+    Vm(vm::Command),
 }
 
 /// What a command failed with: one readable sentence.
@@ -86,5 +90,6 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Discover => discovery::discover(&client, cli.json).await,
         Command::Health(args) => health::check(&client, args, cli.json).await,
         Command::Cell(cmd) => cell::run(&client, cmd, cli.json).await,
+        Command::Vm(cmd) => vm::run(&client, cmd, cli.json).await,
     }
 }
