@@ -34,8 +34,18 @@ pub fn is_pid1() -> bool {
 }
 
 /// Brings the machine up. Never fails: every step logs and goes on.
+/// With `--init` but not PID 1 (a container's init, a test), only what is
+/// missing is mounted and delegated: the hostname, ctrl-alt-del and the
+/// NICs belong to the real init, whose machine we must not reconfigure.
 pub fn bring_up(config: &Config) {
     mounts::mount_all();
+    if !is_pid1() {
+        tracing::info!("--init without being PID 1: leaving hostname, network and modules alone");
+        if let Err(e) = mounts::delegate_controllers(Path::new("/sys/fs/cgroup")) {
+            tracing::warn!("cgroup2 controllers not delegated: {e}");
+        }
+        return;
+    }
     if let Err(e) = mounts::delegate_controllers(Path::new("/sys/fs/cgroup")) {
         tracing::warn!("cgroup2 controllers not delegated: {e}");
     }
