@@ -5,6 +5,7 @@ mod cell;
 mod discovery;
 mod health;
 mod observe;
+mod vm;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -43,6 +44,9 @@ enum Command {
     /// Observe: the daemon's log, an executable's output, POSIX signals.
     #[command(subcommand)]
     Observe(observe::Command),
+    /// VMs: create, start, stop, free, list.
+    #[command(subcommand)]
+    Vm(vm::Command),
 }
 
 /// What a command failed with: one readable sentence.
@@ -91,5 +95,6 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Health(args) => health::check(&client, args, cli.json).await,
         Command::Cell(cmd) => cell::run(&client, cmd, cli.json).await,
         Command::Observe(cmd) => observe::run(&client, cmd, cli.json).await,
+        Command::Vm(cmd) => vm::run(&client, cmd, cli.json).await,
     }
 }

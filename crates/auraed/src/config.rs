@@ -14,6 +14,16 @@ pub const DEFAULT_LIBRARY_DIR: &str = "/var/lib/aurae";
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
 /// How long a stopped executable gets between SIGTERM and SIGKILL.
 pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// Where auraed listens as a machine's init (as the public Aurae does).
+pub const DEFAULT_INIT_LISTEN: &str = "[::]:8080";
+/// How long Start waits for a guest's auraed to answer (TCG is slow).
+pub const DEFAULT_VM_BOOT_TIMEOUT_SECS: u64 = 90;
+/// How long Stop waits for a guest to power off after the ACPI request.
+pub const DEFAULT_VM_STOP_TIMEOUT_SECS: u64 = 20;
+/// The QEMU binary (found on PATH, else in the project's cache: see
+/// scripts/guest-image).
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+pub const DEFAULT_QEMU_CACHE: &str = "/var/cache/aurae-dev/bin/qemu-system-x86_64";
 
 /// auraed: the Aurae node daemon. Runs and isolates workloads (cells, VMs)
 /// on this machine and serves the Aurae v0 gRPC API with mutual TLS.
@@ -58,6 +68,31 @@ pub struct Config {
     /// Seconds a stopped executable gets between SIGTERM and SIGKILL.
     #[arg(long, default_value_t = DEFAULT_STOP_GRACE_SECS)]
     pub stop_grace_secs: u64,
+
+    /// Run as the machine's init: mount the kernel filesystems, set up
+    /// cgroup2, modules, hostname and network, reap orphans, listen on
+    /// TCP [::]:8080 unless --socket says otherwise, power off at the end.
+    /// Implied when auraed is PID 1.
+    #[arg(long)]
+    pub init: bool,
+
+    /// The QEMU binary for VMs. Default: qemu-system-x86_64 on PATH, else
+    /// the copy scripts/guest-image unpacks.
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+
+    /// VM acceleration: kvm, tcg, or auto (KVM only if /dev/kvm really
+    /// runs a stock guest; otherwise TCG).
+    #[arg(long, default_value = "auto")]
+    pub vm_accel: String,
+
+    /// Seconds Start waits for a guest's auraed to accept mTLS.
+    #[arg(long, default_value_t = DEFAULT_VM_BOOT_TIMEOUT_SECS)]
+    pub vm_boot_timeout_secs: u64,
+
+    /// Seconds Stop waits for a guest to power off before quitting QEMU.
+    #[arg(long, default_value_t = DEFAULT_VM_STOP_TIMEOUT_SECS)]
+    pub vm_stop_timeout_secs: u64,
 
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

@@ -15,6 +15,8 @@ pub enum DaemonError {
     Reflection(tonic_reflection::server::Error),
     #[error("cannot set up cgroups: {0}")]
     Cgroup(crate::host::cgroup::CgroupError),
+    #[error("cannot set up VMs: {0}")]
+    Hypervisor(#[from] crate::host::hypervisor::HypervisorError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
 }
@@ -58,5 +60,28 @@ impl From<crate::services::observe::ObserveError> for tonic::Status {
             E::Precondition(_) => Code::FailedPrecondition,
         };
         tonic::Status::new(code, aurae_client::error_chain(&e))
+    }
+}
+
+impl From<crate::services::vms::VmsError> for tonic::Status {
+    fn from(e: crate::services::vms::VmsError) -> Self {
+        use crate::services::{cells::CellsError, vms::VmsError as E};
+        use tonic::Code;
+        let code = match &e {
+            E::Invalid(_) => Code::InvalidArgument,
+            E::NotFound(_) => Code::NotFound,
+            E::AlreadyExists(_) => Code::AlreadyExists,
+            E::Precondition(_) => Code::FailedPrecondition,
+            // A limit the cells refuse is the caller's sizing.
+            E::Cells(CellsError::Invalid(_)) => Code::InvalidArgument,
+            E::Cells(_) => Code::Internal,
+            E::Boot(_) => Code::Unavailable,
+            E::Hypervisor(_) | E::Identity(_) | E::Io(..) => Code::Internal,
+        };
+        let message = aurae_client::error_chain(&e);
+        if matches!(code, Code::Internal | Code::Unavailable) {
+            tracing::error!("{message}");
+        }
+        tonic::Status::new(code, message)
     }
 }

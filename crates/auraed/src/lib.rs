@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 mod inflight;
+pub mod init;
 pub mod listener;
 pub mod logging;
 pub mod pki;
@@ -24,6 +25,7 @@ use aurae_proto::{
     cells::cell_service_server::CellServiceServer,
     discovery::discovery_service_server::DiscoveryServiceServer,
     observe::observe_service_server::ObserveServiceServer,
+    vms::vm_service_server::VmServiceServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -37,10 +39,11 @@ use logging::LogBus;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The fully qualified names of our services, for grpc.health.
-const SERVICE_NAMES: [&str; 3] = [
+const SERVICE_NAMES: [&str; 4] = [
     "aurae.discovery.v0.DiscoveryService",
     "aurae.cells.v0.CellService",
     "aurae.observe.v0.ObserveService",
+    "aurae.vms.v0.VmService",
 ];
 
 /// Runs the daemon until `shutdown` completes, then stops cleanly.
@@ -73,6 +76,19 @@ pub async fn run(
         tracing::warn!("POSIX signal stream disabled: {e}");
         e.to_string()
     });
+    let accel = host::hypervisor::detect_accel(&config.vm_accel)?;
+    let qemu = host::hypervisor::qemu::Qemu::locate(config.qemu.as_deref());
+    let vms = Arc::new(services::vms::Vms::new(
+        Arc::new(qemu),
+        cells.clone(),
+        services::vms::VmSettings {
+            runtime_dir: config.runtime_dir.clone(),
+            ca_crt: config.ca_crt.clone(),
+            accel,
+            boot_timeout: Duration::from_secs(config.vm_boot_timeout_secs),
+            stop_timeout: Duration::from_secs(config.vm_stop_timeout_secs),
+        },
+    ));
 
     let token = CancellationToken::new();
     // Whatever path leaves this function, stop accepting (and remove the
@@ -116,7 +132,10 @@ pub async fn run(
                 signals,
                 token.child_token(),
             ),
-        ));
+        ))
+        .add_service(VmServiceServer::new(services::vms::VmServiceImpl::new(
+            vms.clone(),
+        )));
 
     let incoming = listener.incoming(tls, token.clone());
     tracing::info!("auraed {VERSION} serving on {target} (mutual TLS)");
@@ -144,7 +163,9 @@ pub async fn run(
             }
         }
     };
-    // Whatever happened to the server, leave nothing behind.
+    // Whatever happened to the server, leave nothing behind: guests get
+    // their power button first, then the cells (QEMU's among them) go.
+    vms.shutdown().await;
     cells.shutdown().await;
     served?;
     tracing::info!("auraed stopped");

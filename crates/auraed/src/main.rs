@@ -1,4 +1,6 @@
 //! The `auraed` binary: parse the config, start logging, run the daemon.
+//! As a machine's init (PID 1 or `--init`) it first brings the system up
+//! and, whatever happens, powers the machine off instead of exiting.
 
 use clap::Parser;
 
@@ -11,8 +13,31 @@ fn main() -> std::process::ExitCode {
     {
         auraed::host::spawn::holder::main();
     }
-    let config = auraed::Config::parse();
+    let pid1 = auraed::init::is_pid1();
+    let mut config = if pid1 {
+        // The kernel hands init every command-line word it does not know
+        // (e.g. `quiet`) as an argument: flags cannot come from there.
+        match auraed::Config::try_parse_from(["auraed", "--init"]) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("auraed: {e}");
+                auraed::init::power_off();
+            }
+        }
+    } else {
+        auraed::Config::parse()
+    };
+    let init = pid1 || config.init;
+    if init && config.socket == auraed::config::DEFAULT_SOCKET {
+        config.socket = auraed::config::DEFAULT_INIT_LISTEN.to_owned();
+    }
     let logs = auraed::logging::init(config.log_level());
+    if pid1 {
+        auraed::init::install_panic_hook();
+    }
+    if init {
+        auraed::init::bring_up(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,15 +45,38 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("auraed: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return finish(pid1, std::process::ExitCode::FAILURE);
         }
     };
-    match runtime.block_on(auraed::run(config, logs, auraed::shutdown_on_signals())) {
+    let result = runtime.block_on(async {
+        if pid1 {
+            tokio::spawn(auraed::host::spawn::reaper::run());
+        }
+        let shutdown = async {
+            tokio::select! {
+                () = auraed::shutdown_on_signals() => {}
+                () = auraed::init::power_button(), if init => {}
+            }
+        };
+        auraed::run(config, logs, shutdown).await
+    });
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", aurae_client::error_chain(&e));
             eprintln!("auraed: {}", aurae_client::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    };
+    // Tasks still running (the reaper) must not keep us from powering off.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    finish(pid1, code)
+}
+
+/// PID 1 must not exit: the kernel would panic.
+fn finish(pid1: bool, code: std::process::ExitCode) -> std::process::ExitCode {
+    if pid1 {
+        auraed::init::power_off();
     }
+    code
 }

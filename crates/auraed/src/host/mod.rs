@@ -2,4 +2,5 @@
 //! error enum, mapped to gRPC status once, in `crate::error`.
 pub mod cgroup;
 pub mod ebpf;
+pub mod hypervisor;
 pub mod spawn;

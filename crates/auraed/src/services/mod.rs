@@ -4,3 +4,4 @@
 pub mod cells;
 pub mod discovery;
 pub mod observe;
+pub mod vms;

@@ -14,6 +14,7 @@
 
 pub mod holder;
 pub mod namespaces;
+pub mod reaper;
 
 use std::{
     ffi::CString,
@@ -140,7 +141,7 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         // SAFETY: the closure only makes async-signal-safe system calls
         // on data prepared before the fork (see ChildSetup::apply).
         unsafe { cmd.pre_exec(move || setup.apply()) };
-        cmd.spawn().map_err(|source| SpawnError::Start {
+        reaper::spawn_owned(&mut cmd).map_err(|source| SpawnError::Start {
             what: "holder",
             source,
         })
@@ -280,7 +281,7 @@ pub async fn spawn_executable(spec: ExecSpec) -> Result<Child, SpawnError> {
             // on data prepared before the fork (see ChildSetup::apply).
             unsafe { cmd.pre_exec(move || setup.apply()) };
         }
-        cmd.spawn().map_err(|source| SpawnError::Start {
+        reaper::spawn_owned(&mut cmd).map_err(|source| SpawnError::Start {
             what: "executable",
             source,
         })

@@ -1,0 +1,90 @@
+//! A guest's TLS identity, minted by this node's CA at Start: a server
+//! certificate for the guest's daemon (so the node's clients trust it with
+//! their usual config) and a client certificate the node uses to check
+//! that the guest answers.
+
+use std::path::{Path, PathBuf};
+
+use aurae_client::SERVER_NAME;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+
+use crate::pki::write_private;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read the node CA {path}: {source}")]
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot use the node CA to sign: {0}")]
+    Sign(#[from] rcgen::Error),
+    #[error(transparent)]
+    Write(#[from] crate::pki::PkiError),
+}
+
+/// Files written into the VM's folder.
+#[derive(Debug, Clone)]
+pub struct GuestIdentity {
+    pub ca_crt: PathBuf,
+    pub server_crt: PathBuf,
+    pub server_key: PathBuf,
+    pub client_crt: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// The CA key lies beside the CA certificate as `ca.key` (see pki.rs).
+pub fn ca_key_path(ca_crt: &Path) -> PathBuf {
+    ca_crt.with_file_name("ca.key")
+}
+
+pub fn mint(ca_crt: &Path, vm_id: &str, dir: &Path) -> Result<GuestIdentity, IdentityError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| IdentityError::ReadCa {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let ca_pem = read(ca_crt)?;
+    let ca_key = KeyPair::from_pem(&read(&ca_key_path(ca_crt))?)?;
+    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+
+    let mut server = CertificateParams::new(vec![
+        SERVER_NAME.to_owned(),
+        "localhost".to_owned(),
+        format!("{vm_id}.vm.aurae"),
+    ])?;
+    for ip in ["127.0.0.1", "::1", "10.0.2.15"] {
+        if let Ok(ip) = ip.parse() {
+            server.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+    }
+    server
+        .distinguished_name
+        .push(DnType::CommonName, SERVER_NAME);
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate()?;
+    let server_crt = server.signed_by(&server_key, &ca, &ca_key)?;
+
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "auraed-node");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate()?;
+    let client_crt = client.signed_by(&client_key, &ca, &ca_key)?;
+
+    let id = GuestIdentity {
+        ca_crt: dir.join("ca.crt"),
+        server_crt: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_crt: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    };
+    write_private(&id.ca_crt, &ca_pem)?;
+    write_private(&id.server_crt, &server_crt.pem())?;
+    write_private(&id.server_key, &server_key.serialize_pem())?;
+    write_private(&id.client_crt, &client_crt.pem())?;
+    write_private(&id.client_key, &client_key.serialize_pem())?;
+    Ok(id)
+}
