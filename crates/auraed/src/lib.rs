@@ -24,8 +24,7 @@ use aurae_client::Target;
 use aurae_proto::{
     cells::cell_service_server::CellServiceServer,
     discovery::discovery_service_server::DiscoveryServiceServer,
-    observe::observe_service_server::ObserveServiceServer,
-    vms::vm_service_server::VmServiceServer,
+    observe::observe_service_server::ObserveServiceServer, vms::vm_service_server::VmServiceServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;

@@ -132,8 +132,10 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Runs `script` in the cell with its stdout going to a file; returns the
-/// file's content once the script wrote `__done__`.
+/// Runs `script` in the cell with its output going to a file; returns the
+/// file's content once the script finished (a second file marks the end:
+/// a marker inside the output could be matched early, e.g. by `ps` showing
+/// this very command line).
 async fn run_capture(
     c: &Client,
     dir: &Path,
@@ -142,23 +144,20 @@ async fn run_capture(
     script: &str,
 ) -> String {
     let out = dir.join(format!("{name}.out"));
+    let done = dir.join(format!("{name}.done"));
     let cmd = format!(
-        "( {script} ) > {} 2>&1; echo __done__ >> {}",
+        "( {script} ) > {} 2>&1; echo $? > {}",
         out.display(),
-        out.display()
+        done.display()
     );
     start(c, cell, name, &cmd).await.unwrap();
-    let mut text = String::new();
     wait_for(
         &format!("{name} to finish"),
         Duration::from_secs(20),
-        || {
-            text = std::fs::read_to_string(&out).unwrap_or_default();
-            text.contains("__done__")
-        },
+        || std::fs::read_to_string(&done).is_ok_and(|s| s.ends_with('\n')),
     )
     .await;
-    text.replace("__done__\n", "")
+    std::fs::read_to_string(&out).unwrap_or_default()
 }
 
 /// Processes that are children of `pid`.

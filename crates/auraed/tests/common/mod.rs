@@ -201,6 +201,14 @@ pub fn signal(pid: i32, sig: i32) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- auraed log (last 60 lines) ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             signal(self.pid(), libc::SIGTERM);
             if self.wait_exit(Duration::from_secs(30)).is_none() {

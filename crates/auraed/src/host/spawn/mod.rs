@@ -12,6 +12,7 @@
 //! itself re-executed in holder mode (see [`holder`]), PID 1 of the cell's
 //! pid namespace, which only reaps orphans until it is killed.
 
+pub mod exit;
 pub mod holder;
 pub mod namespaces;
 pub mod reaper;

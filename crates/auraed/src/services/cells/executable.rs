@@ -33,6 +33,8 @@ pub struct Executable {
     pub pid: i32,
     exit: watch::Receiver<Option<ExitInfo>>,
     drains: Mutex<Vec<JoinHandle<()>>>,
+    /// Reaped only when stopped (see `host::spawn::exit`).
+    child: tokio::sync::Mutex<Option<Child>>,
 }
 
 impl Executable {
@@ -63,7 +65,7 @@ impl Executable {
         let (tx, rx) = watch::channel(None);
         let exe = name.clone();
         tokio::spawn(async move {
-            match child.wait().await {
+            match crate::host::spawn::exit::exited(pid).await {
                 Ok(status) => {
                     tracing::info!("executable {exe:?} ({context}, pid {pid}) exited: {status}");
                     let _ = tx.send(Some(ExitInfo {
@@ -79,6 +81,7 @@ impl Executable {
             pid,
             exit: rx,
             drains: Mutex::new(drains),
+            child: tokio::sync::Mutex::new(Some(child)),
         }))
     }
 
@@ -128,6 +131,12 @@ impl Executable {
                 )));
             }
         }
+        // Now that the group is gone, the pid may be released.
+        if let Some(mut child) = self.child.lock().await.take() {
+            if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                tracing::warn!("cannot reap executable {:?} (pid {})", self.name, self.pid);
+            }
+        }
         let drains = std::mem::take(&mut *self.drains.lock().unwrap_or_else(|p| p.into_inner()));
         for d in drains {
             if tokio::time::timeout(DRAIN_WAIT, d).await.is_err() {
@@ -152,10 +161,30 @@ fn signal_group(pgid: i32, sig: i32) {
     }
 }
 
-/// Whether any process of the group is left.
+/// Whether any live process of the group is left. The leader stays a
+/// zombie until it is reaped (see `host::spawn::exit`), which kill(2) still
+/// counts as a member, so a positive answer is checked against /proc.
 fn group_alive(pgid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(-pgid, 0) == 0 }
+    if unsafe { libc::kill(-pgid, 0) } != 0 {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // Fields after the command name: state, ppid, pgrp, ...
+        let mut f = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = f.next().unwrap_or("Z");
+        let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
+        state != "Z" && pgrp == Some(pgid)
+    })
 }
 
 /// The executables of one cell (or of the host context), by name.
