@@ -114,8 +114,9 @@ impl Drop for CgroupSet {
     }
 }
 
+/// mkdir -p (parents are removed by [`remove_tree`] at the end).
 fn mkdir(p: &Path) -> anyhow::Result<()> {
-    match std::fs::create_dir(p) {
+    match std::fs::create_dir_all(p) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
             Err(e).with_context(|| format!("mkdir {}", p.display()))
         }

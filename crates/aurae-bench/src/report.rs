@@ -214,7 +214,7 @@ impl Report {
             let _ = writeln!(s, "\n{} — {} ({better})", f.id, f.title);
             let _ = writeln!(
                 s,
-                "  {:<52} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  ours÷row",
+                "  {:<60} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  ours÷row",
                 "row", "unit", "n", "min", "p50", "p99", "max"
             );
             for r in &f.rows {
@@ -228,7 +228,7 @@ impl Report {
                     (Some(st), _) => {
                         let _ = writeln!(
                             s,
-                            "  {:<52} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  {ratio}",
+                            "  {:<60} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  {ratio}",
                             r.label,
                             r.unit,
                             st.n,
@@ -241,14 +241,14 @@ impl Report {
                     (None, why) => {
                         let _ = writeln!(
                             s,
-                            "  {:<52} not available: {}",
+                            "  {:<60} not available: {}",
                             r.label,
                             why.as_deref().unwrap_or("unknown")
                         );
                     }
                 }
                 if let Some(n) = &r.note {
-                    let _ = writeln!(s, "  {:<52}   ({n})", "");
+                    let _ = writeln!(s, "  {:<60}   ({n})", "");
                 }
             }
             for n in &f.notes {

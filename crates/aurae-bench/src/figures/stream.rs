@@ -248,6 +248,7 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             });
         }
         f.note("rates from the first received line to the end of the stream");
+        f.note("auraed and the floor run the host's dash + coreutils; runc/crun run busybox's sh, yes, head, seq inside the rootfs");
         figs.push(f.finish());
     }
     if cell_ok.is_ok() {
