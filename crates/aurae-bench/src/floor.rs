@@ -143,12 +143,15 @@ pub fn rmdir_retry(d: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Removes `rel` in every hierarchy, deepest directories first.
+/// Removes `rel` in every hierarchy (runc also makes directories in the
+/// named and minor ones, e.g. systemd and cpuacct), deepest first.
 pub fn remove_tree(rel: &str) {
-    for h in [
-        "", "cpu", "memory", "unified", "pids", "cpuset", "freezer", "blkio", "devices",
-    ] {
-        let base = Path::new(CGROUP_MOUNT).join(h).join(rel);
+    let mut roots = vec![PathBuf::from(CGROUP_MOUNT)];
+    if let Ok(rd) = std::fs::read_dir(CGROUP_MOUNT) {
+        roots.extend(rd.flatten().map(|e| e.path()));
+    }
+    for h in roots {
+        let base = h.join(rel);
         if base.is_dir() {
             remove_tree_at(&base);
         }
@@ -163,7 +166,9 @@ fn remove_tree_at(d: &Path) {
             }
         }
     }
-    let _ = rmdir_retry(d);
+    if let Err(e) = rmdir_retry(d) {
+        eprintln!("cleanup: {e:#}");
+    }
 }
 
 /// posix_spawn + wait of /bin/true.
