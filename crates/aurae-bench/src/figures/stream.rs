@@ -1,0 +1,258 @@
+//! Figure 4: output streaming. An executable writes N bytes (lines of 1 KiB)
+//! and, separately, M short lines (`seq M`) to stdout; the client receives
+//! everything through GetSubProcessStream and checks that nothing was lost.
+//! Rates are timed from the first received line to the end of the stream
+//! (the executable first sleeps 0.2 s so that the subscription is in place
+//! before it writes; start-up is figures 1-2).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use aurae_client::proto::observe::{GetSubProcessStreamRequest, LogChannelType};
+use tokio::io::AsyncReadExt;
+
+use super::{Ctx, Series};
+use crate::{
+    cells,
+    report::{Better, Figure, Kind},
+};
+
+const LINE: usize = 1023;
+const CELL: &str = "stream";
+
+/// What came through, and whether it is exactly what was written.
+struct Got {
+    bytes: u64,
+    lines: u64,
+    secs: f64,
+    bad: Option<String>,
+}
+
+enum Load {
+    /// `n` lines of LINE 'x' characters.
+    Bytes(u64),
+    /// `seq n`.
+    Lines(u64),
+}
+
+impl Load {
+    fn command(&self) -> String {
+        match self {
+            Load::Bytes(n) => format!("yes {} | head -n {n}", "x".repeat(LINE)),
+            Load::Lines(n) => format!("seq {n}"),
+        }
+    }
+    fn expected(&self) -> (u64, u64) {
+        match *self {
+            Load::Bytes(n) => (n * (LINE as u64 + 1), n),
+            Load::Lines(n) => ((1..=n).map(|k| digits(k) + 1).sum(), n),
+        }
+    }
+    fn check(&self, got: &mut Got) {
+        let (b, l) = self.expected();
+        if got.bad.is_none() && (got.bytes != b || got.lines != l) {
+            got.bad = Some(format!(
+                "LOST: expected {l} lines / {b} bytes, got {} / {}",
+                got.lines, got.bytes
+            ));
+        }
+    }
+}
+
+fn digits(k: u64) -> u64 {
+    k.checked_ilog10().map_or(1, |d| u64::from(d) + 1)
+}
+
+/// Through auraed: Start in a cell, then GetSubProcessStream(stdout).
+async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str) -> anyhow::Result<Got> {
+    let cmd = format!("sleep 0.2; {}", load.command());
+    let pid = cells::start(&ctx.client, CELL, exe, &cmd).await?;
+    let r = async {
+        let mut s = ctx
+            .client
+            .observe()
+            .get_sub_process_stream(GetSubProcessStreamRequest {
+                channel_type: LogChannelType::Stdout as i32,
+                process_id: pid,
+            })
+            .await
+            .context("GetSubProcessStream")?
+            .into_inner();
+        let mut got = Got {
+            bytes: 0,
+            lines: 0,
+            secs: 0.0,
+            bad: None,
+        };
+        let mut t0 = None;
+        while let Some(m) = s.message().await.context("GetSubProcessStream")? {
+            let t = *t0.get_or_insert_with(Instant::now);
+            let line = m.item.map(|i| i.line).unwrap_or_default();
+            got.lines += 1;
+            got.bytes += line.len() as u64 + 1;
+            let ok = match load {
+                Load::Bytes(_) => line.len() == LINE,
+                Load::Lines(_) => line.parse::<u64>().ok() == Some(got.lines),
+            };
+            if !ok && got.bad.is_none() {
+                got.bad = Some(format!("line {} differs: {:.60}", got.lines, line));
+            }
+            got.secs = t.elapsed().as_secs_f64();
+        }
+        load.check(&mut got);
+        anyhow::Ok(got)
+    }
+    .await;
+    cells::stop(&ctx.client, CELL, exe).await?;
+    r
+}
+
+/// Reading a pipe from `cmd` (a local process, or `runc run`).
+async fn via_pipe(mut cmd: tokio::process::Command, load: &Load) -> anyhow::Result<Got> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = Got {
+        bytes: 0,
+        lines: 0,
+        secs: 0.0,
+        bad: None,
+    };
+    let mut t0 = None;
+    loop {
+        let n = out.read(&mut buf).await.context("read stdout")?;
+        if n == 0 {
+            break;
+        }
+        let t = *t0.get_or_insert_with(Instant::now);
+        got.bytes += n as u64;
+        got.lines += buf[..n].iter().filter(|&&c| c == b'\n').count() as u64;
+        got.secs = t.elapsed().as_secs_f64();
+    }
+    let st = child.wait().await.context("wait")?;
+    if !st.success() {
+        bail!("{st}");
+    }
+    load.check(&mut got);
+    Ok(got)
+}
+
+pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let s = &ctx.settings;
+    let loads = [
+        Load::Bytes(s.stream_bytes / (LINE as u64 + 1)),
+        Load::Lines(s.stream_lines),
+    ];
+    let mut figs = Vec::new();
+    let cell_ok = match &ctx.observe {
+        Ok(()) => cells::allocate(&ctx.client, CELL)
+            .await
+            .map_err(|e| format!("{e:#}")),
+        Err(why) => Err(format!("GetSubProcessStream {why}")),
+    };
+    for (li, load) in loads.iter().enumerate() {
+        let (unit, what, id, title) = match load {
+            Load::Bytes(n) => (
+                "MB/s",
+                "bytes",
+                "4a",
+                format!(
+                    "output streaming: {} MiB as {n} lines of 1 KiB on stdout → client",
+                    s.stream_bytes >> 20
+                ),
+            ),
+            Load::Lines(n) => (
+                "lines/s",
+                "lines",
+                "4b",
+                format!("output streaming: `seq {n}` ({n} short lines) on stdout → client"),
+            ),
+        };
+        let mut f = Figure::new(id, &title, Better::Higher);
+        let rate = |g: &Got| match load {
+            Load::Bytes(_) => g.bytes as f64 / 1e6 / g.secs.max(1e-9),
+            Load::Lines(_) => g.lines as f64 / g.secs.max(1e-9),
+        };
+        let mut notes: Vec<Option<String>> = vec![None; 2 + ctx.runtimes.len()];
+        let mut series: Vec<Series> = vec![
+            match &cell_ok {
+                Ok(()) => Series::default(),
+                Err(e) => Series::failed(e.clone()),
+            },
+            Series::default(),
+        ];
+        series.extend(ctx.oci_series());
+        for run in 0..s.stream_runs {
+            let (head, tail) = series.split_at_mut(1);
+            head[0]
+                .sample(|| async {
+                    let g = via_auraed(ctx, load, &format!("s{li}r{run}")).await?;
+                    notes[0] = g.bad.clone().or(notes[0].take());
+                    Ok(rate(&g))
+                })
+                .await;
+            let mut local = tokio::process::Command::new("/bin/sh");
+            local.arg("-c").arg(load.command());
+            tail[0]
+                .sample(|| async {
+                    let g = via_pipe(local, load).await?;
+                    notes[1] = g.bad.clone().or(notes[1].take());
+                    Ok(rate(&g))
+                })
+                .await;
+            for (i, (rt, ser)) in ctx.runtimes.iter().zip(tail[1..].iter_mut()).enumerate() {
+                if let Ok(o) = &rt.oci {
+                    ser.sample(|| async {
+                        let b =
+                            o.bundle(&format!("stream{li}"), &["/bin/sh", "-c", &load.command()])?;
+                        let (cmd, _) = o.run_command(&b, false);
+                        let g = via_pipe(cmd, load).await?;
+                        notes[2 + i] = g.bad.clone().or(notes[2 + i].take());
+                        Ok(rate(&g))
+                    })
+                    .await;
+                }
+            }
+        }
+        let mut it = series.into_iter();
+        let mut rows = vec![
+            it.next().unwrap_or_default().row(
+                &format!("auraed_{what}"),
+                "auraed: GetSubProcessStream(stdout)",
+                Kind::Ours,
+                unit,
+            ),
+            it.next().unwrap_or_default().row(
+                &format!("floor_{what}"),
+                "floor: sh -c … | benchmark reads the pipe",
+                Kind::Floor,
+                unit,
+            ),
+        ];
+        for (rt, ser) in ctx.runtimes.iter().zip(it) {
+            rows.push(ser.row(
+                &format!("{}_{what}", rt.name),
+                &format!("{}: `run`, stdout piped to the benchmark", rt.label()),
+                Kind::Baseline,
+                unit,
+            ));
+        }
+        for (r, n) in rows.into_iter().zip(notes) {
+            f.row(match (n, r.stats.is_some()) {
+                (Some(n), true) => r.with_note(n),
+                (None, true) => r.with_note("nothing lost (line count and bytes checked)"),
+                (_, false) => r,
+            });
+        }
+        f.note("rates from the first received line to the end of the stream");
+        f.note("auraed and the floor run the host's dash + coreutils; runc/crun run busybox's sh, yes, head, seq inside the rootfs");
+        figs.push(f.finish());
+    }
+    if cell_ok.is_ok() {
+        cells::free(&ctx.client, CELL).await?;
+    }
+    Ok(figs)
+}

@@ -1,0 +1,257 @@
+//! aurae-bench: measures auraed (start latency, throughput, output
+//! streaming, signal latency, footprint) beside baselines measured in the
+//! same run (the kernel floor, runc, crun), through the real gRPC client
+//! over mTLS against a throwaway daemon. See README "Benchmark".
+
+mod cells;
+mod daemon;
+mod figures;
+mod floor;
+mod oci;
+mod procfs;
+mod report;
+mod stats;
+
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use anyhow::Context as _;
+use aurae_client::proto::discovery::DiscoverRequest;
+use clap::Parser;
+
+use crate::{
+    cells::ExitMode,
+    daemon::Daemon,
+    figures::{Ctx, Runtime},
+    report::{Better, Figure, Machine, Report, Settings},
+};
+
+/// Benchmark auraed beside the kernel floor, runc and crun (needs root).
+#[derive(Debug, Parser)]
+#[command(name = "aurae-bench", version, about)]
+struct Args {
+    /// Runs per latency figure (default 100; 15 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Isolated cells for the footprint figure (default 1000; 50 with --quick).
+    #[arg(long)]
+    cells: Option<usize>,
+    /// A ~20 s smoke run: fewer runs, cells, bytes and lines.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the figures as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// The auraed binary (default: next to this executable).
+    #[arg(long, value_name = "PATH")]
+    auraed: Option<PathBuf>,
+    /// Throughput: seconds per window (default 1; 0.5 with --quick).
+    #[arg(long)]
+    window_secs: Option<f64>,
+    /// Throughput: windows per row (default 3; 2 with --quick).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Streaming: MiB written (default 1024; 64 with --quick).
+    #[arg(long)]
+    stream_mib: Option<u64>,
+    /// Streaming: lines written (default 10000000; 1000000 with --quick).
+    #[arg(long)]
+    stream_lines: Option<u64>,
+    /// Streaming: runs per row (default 2; 1 with --quick).
+    #[arg(long)]
+    stream_runs: Option<usize>,
+    /// Daemon start-ups timed in the footprint figure (default 5; 2 with --quick).
+    #[arg(long)]
+    startups: Option<usize>,
+}
+
+impl Args {
+    fn settings(&self) -> Settings {
+        let q = self.quick;
+        Settings {
+            quick: q,
+            runs: self.runs.unwrap_or(if q { 15 } else { 100 }).max(1),
+            cells: self.cells.unwrap_or(if q { 50 } else { 1000 }),
+            throughput_window_secs: self.window_secs.unwrap_or(if q { 0.5 } else { 1.0 }),
+            throughput_windows: self.windows.unwrap_or(if q { 2 } else { 3 }).max(1),
+            stream_bytes: self.stream_mib.unwrap_or(if q { 64 } else { 1024 }) << 20,
+            stream_lines: self
+                .stream_lines
+                .unwrap_or(if q { 1_000_000 } else { 10_000_000 }),
+            stream_runs: self.stream_runs.unwrap_or(if q { 1 } else { 2 }).max(1),
+            startups: self.startups.unwrap_or(if q { 2 } else { 5 }).max(1),
+            exit_detection: String::new(),
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let cgroups = if root.join("cgroup.controllers").is_file() {
+        "cgroup v2 (unified)"
+    } else if root.join("unified/cgroup.procs").is_file() {
+        "hybrid cgroups (v1 controllers + cgroup2 at /sys/fs/cgroup/unified)"
+    } else {
+        "cgroup v1"
+    };
+    Machine {
+        kernel,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cgroups: cgroups.into(),
+        mem_total_mib: procfs::mem_total_mib(),
+    }
+}
+
+/// An OCI runtime ready to run, or why not (e.g. crun on a hybrid host).
+async fn probe_runtime(name: &str, work: &std::path::Path) -> Runtime {
+    let mut bundle_true = PathBuf::new();
+    let oci = async {
+        let o = oci::Oci::new(name, work).await?;
+        bundle_true = o.bundle("true", &["/bin/true"])?;
+        o.run_once(&bundle_true).await?;
+        anyhow::Ok(o)
+    }
+    .await
+    .map_err(|e| format!("{e:#}"));
+    Runtime {
+        name: name.into(),
+        oci,
+        bundle_true,
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("aurae-bench: {what}");
+}
+
+async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow::Result<()> {
+    let bin = daemon::find_auraed(args.auraed.clone())?;
+    let pki = work.join("pki");
+    progress(&format!("starting {} (throwaway PKI)", bin.display()));
+    let t0 = Instant::now();
+    let mut main = Daemon::spawn(&bin, work, &pki)?;
+    let client = main.wait_ready().await?;
+    let first_start_ms = cells::ms(t0.elapsed());
+    let version = client
+        .discovery()
+        .discover(DiscoverRequest {})
+        .await?
+        .into_inner()
+        .version;
+    report.versions.push(("auraed".into(), version));
+    let observe = cells::probe_observe(&client).await;
+    let exit = match &observe {
+        Ok(()) => ExitMode::Stream,
+        Err(why) => ExitMode::Pidfd { why: why.clone() },
+    };
+    report.settings.exit_detection = exit.describe();
+    let mut runtimes = Vec::new();
+    for name in ["runc", "crun"] {
+        progress(&format!("probing {name}"));
+        let rt = probe_runtime(name, work).await;
+        let v = match &rt.oci {
+            Ok(o) => o.version.clone(),
+            Err(e) => format!("cannot run: {e}"),
+        };
+        report.versions.push((name.into(), v));
+        runtimes.push(rt);
+    }
+    let floor_rel = format!("aurae-bench-{}-floor", std::process::id());
+    let ctx = Ctx {
+        client_config: main.client_config()?,
+        client,
+        first_start_ms,
+        exit,
+        observe,
+        settings: report.settings.clone(),
+        runtimes,
+        floor_rel,
+        auraed: bin,
+        pki,
+        work: work.to_owned(),
+    };
+    let figs = &mut report.figures;
+    progress("figure 1: cold isolated start");
+    figs.push(figures::start::cold(&ctx).await);
+    progress("figure 2: warm start");
+    match figures::start::warm(&ctx).await {
+        Ok((a, b)) => figs.extend([a, b]),
+        Err(e) => figs.push(Figure::failed("2", "warm start", Better::Lower, &e)),
+    }
+    progress("figure 3: throughput");
+    match figures::throughput::figures(&ctx).await {
+        Ok(v) => figs.extend(v),
+        Err(e) => figs.push(Figure::failed("3", "throughput", Better::Higher, &e)),
+    }
+    progress("figure 4: output streaming");
+    match figures::stream::figures(&ctx).await {
+        Ok(v) => figs.extend(v),
+        Err(e) => figs.push(Figure::failed("4", "output streaming", Better::Higher, &e)),
+    }
+    progress("figure 5: signal latency");
+    figs.push(figures::signal::figure(&ctx).await);
+    progress("figure 6: footprint and scale (fresh daemons)");
+    match figures::footprint::figure(&ctx).await {
+        Ok(f) => figs.push(f),
+        Err(e) => figs.push(Figure::failed(
+            "6",
+            "footprint and scale",
+            Better::Lower,
+            &e,
+        )),
+    }
+    main.stop();
+    floor::remove_tree(&ctx.floor_rel);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("aurae-bench: needs root (cgroups, namespaces, runc)");
+        return ExitCode::FAILURE;
+    }
+    let work = match tempfile::Builder::new().prefix("aurae-bench-").tempdir() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("aurae-bench: cannot create a temp dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut report = Report {
+        schema: report::SCHEMA,
+        date: report::utc_now(),
+        machine: machine(),
+        settings: args.settings(),
+        versions: Vec::new(),
+        figures: Vec::new(),
+        incomplete: None,
+    };
+    let outcome = tokio::select! {
+        r = run(&args, work.path(), &mut report) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (Ctrl-C)")),
+    };
+    // Whatever `run` held (daemons, containers, cgroups) is stopped and
+    // removed by now: its Drop impls ran when the future was dropped.
+    floor::remove_tree(&format!("aurae-bench-{}-floor", std::process::id()));
+    if let Err(e) = &outcome {
+        report.incomplete = Some(format!("{e:#}"));
+    }
+    print!("{}", report.table());
+    let mut code = if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    if let Some(p) = &args.json {
+        if let Err(e) = report.write_json(p).context("--json") {
+            eprintln!("aurae-bench: {e:#}");
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
