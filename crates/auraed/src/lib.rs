@@ -69,12 +69,11 @@ pub async fn run(
         Duration::from_secs(config.stop_grace_secs),
     ));
 
-    // Without BPF the daemon still serves everything else; the signal
-    // stream then answers UNAVAILABLE with this reason.
-    let signals = host::ebpf::SignalObserver::start().map_err(|e| {
-        tracing::warn!("POSIX signal stream disabled: {e}");
-        e.to_string()
-    });
+    // Loading the probe takes a while (BTF, verifier): it happens in the
+    // background so that start-up does not wait for it. Without BPF the
+    // daemon serves everything else; the signal stream then answers
+    // UNAVAILABLE with the reason.
+    let signals = services::observe::SignalSource::load_in_background();
     let accel = host::hypervisor::detect_accel(&config.vm_accel)?;
     let qemu = host::hypervisor::qemu::Qemu::locate(config.qemu.as_deref());
     let vms = Arc::new(services::vms::Vms::new(

@@ -98,6 +98,14 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
             }
         }
     };
+    // The signal probe loads in the background after start-up; a signal
+    // stream request waits for it, so its fds are in place before counting.
+    let _ = c
+        .observe()
+        .get_posix_signals_stream(aurae_client::proto::observe::GetPosixSignalsStreamRequest {
+            workload: None,
+        })
+        .await;
     cycle(50).await; // warm up: connection, buffers, runtime threads
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (fds0, threads0) = (fd_count(d.pid()), thread_count(d.pid()));

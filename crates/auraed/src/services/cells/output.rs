@@ -25,8 +25,12 @@ pub const OUTPUT_BACKLOG_BYTES: usize = 8 << 20;
 const LINE_OVERHEAD: usize = 64;
 /// Longer lines are split into pieces of this size, never dropped.
 pub const MAX_LINE: usize = 64 << 10;
-/// Live lines buffered per subscriber before it starts losing the oldest.
-const LIVE_CAPACITY: usize = 8192;
+/// Live lines buffered per subscriber; one that falls further behind
+/// catches up from the backlog by sequence number. Kept small because the
+/// broadcast channel allocates every slot up front, per stream.
+const LIVE_CAPACITY: usize = 256;
+/// Read buffer per pipe (longer lines are assembled across reads).
+const READ_BUFFER: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
@@ -169,7 +173,7 @@ impl OutputStream {
 
     /// Reads `pipe` to its end, line by line, into this stream.
     pub async fn drain(self: Arc<Self>, pipe: impl AsyncRead + Unpin) {
-        let mut reader = BufReader::with_capacity(MAX_LINE, pipe);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, pipe);
         let mut partial: Vec<u8> = Vec::new();
         loop {
             let buf = match reader.fill_buf().await {

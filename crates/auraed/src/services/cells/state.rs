@@ -174,12 +174,14 @@ impl Cells {
         limits: &Limits,
         parent_ns: Option<Arc<NsSet>>,
     ) -> Result<CellEntry, CellsError> {
+        let t0 = std::time::Instant::now();
         let backend = self.backend.clone();
         let (path, l) = (name.clone(), limits.clone());
         tokio::task::spawn_blocking(move || backend.create(&path.components(), &l))
             .await
             .map_err(|e| CellsError::Internal(e.to_string()))??;
         let procs_files = self.backend.procs_files(&name.components());
+        let t_cgroup = t0.elapsed();
         let mut holder = None;
         let mut ns = parent_ns.clone();
         if spec.isolate_process || spec.isolate_network {
@@ -201,6 +203,10 @@ impl Cells {
                 }
             }
         }
+        tracing::debug!(
+            "cell {name}: cgroups {t_cgroup:?}, holder {:?}",
+            t0.elapsed() - t_cgroup
+        );
         Ok(CellEntry {
             name: name.clone(),
             spec: Cell::default(),
@@ -365,6 +371,7 @@ impl Cells {
         name: &CellName,
         entries: &[Arc<CellEntry>],
     ) -> Result<(), (CellsError, Vec<CellName>)> {
+        let t0 = std::time::Instant::now();
         // 1. Graceful stop of every executable, all at once.
         let mut stops = JoinSet::new();
         for e in entries {
@@ -404,6 +411,7 @@ impl Cells {
                 }
             }
         }
+        let t_stop = t0.elapsed();
         // 3. Whatever is left in the cgroups (forked and escaped processes).
         let backend = self.backend.clone();
         let root = name.clone();
@@ -412,6 +420,7 @@ impl Cells {
         if let Ok(Err(e)) = killed {
             tracing::warn!("cannot kill the rest of cell {name}: {e}");
         }
+        let t_kill = t0.elapsed();
         // 4. Cgroups, bottom-up.
         let mut removed = Vec::new();
         for e in entries {
@@ -420,6 +429,11 @@ impl Cells {
             }
             removed.push(e.name.clone());
         }
+        tracing::debug!(
+            "free {name}: stop+holders {t_stop:?}, kill {:?}, rmdir {:?}",
+            t_kill - t_stop,
+            t0.elapsed() - t_kill
+        );
         Ok(())
     }
 

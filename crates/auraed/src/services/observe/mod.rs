@@ -46,8 +46,38 @@ pub enum ObserveError {
     Precondition(String),
 }
 
-/// The signal probe, or why it could not be loaded at start-up.
-pub type SignalSource = Result<Arc<SignalObserver>, String>;
+/// The signal probe, loaded once in the background at start-up, or why it
+/// could not be loaded. A stream asked for meanwhile waits for the load.
+#[derive(Clone, Debug)]
+pub struct SignalSource(Arc<tokio::sync::OnceCell<Result<Arc<SignalObserver>, String>>>);
+
+impl SignalSource {
+    /// Starts loading the probe; must be called inside the runtime.
+    pub fn load_in_background() -> Self {
+        let source = Self(Arc::new(tokio::sync::OnceCell::new()));
+        let s = source.clone();
+        tokio::spawn(async move {
+            s.get().await.ok();
+        });
+        source
+    }
+
+    pub async fn get(&self) -> Result<Arc<SignalObserver>, String> {
+        self.0
+            .get_or_init(|| async {
+                let loaded = tokio::task::spawn_blocking(SignalObserver::start)
+                    .await
+                    .map_err(|e| format!("the probe loader failed: {e}"))
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = &loaded {
+                    tracing::warn!("POSIX signal stream disabled: {e}");
+                }
+                loaded
+            })
+            .await
+            .clone()
+    }
+}
 
 #[derive(Clone)]
 pub struct ObserveServiceImpl {
@@ -196,7 +226,11 @@ impl ObserveService for ObserveServiceImpl {
         request: Request<GetPosixSignalsStreamRequest>,
     ) -> Result<Response<Self::GetPosixSignalsStreamStream>, Status> {
         let scope = scope(request.get_ref())?;
-        let observer = self.signals.clone().map_err(ObserveError::Unavailable)?;
+        let observer = self
+            .signals
+            .get()
+            .await
+            .map_err(ObserveError::Unavailable)?;
         let filter = match scope {
             Scope::Host => None,
             Scope::Cell(name) => Some(signals::CellFilter::new(self.cells.clone(), name)?),
