@@ -58,27 +58,8 @@ impl DevPki {
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca.self_signed(&ca_key)?;
 
-        let mut server =
-            CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])?;
-        for ip in ["127.0.0.1", "::1"] {
-            if let Ok(ip) = ip.parse() {
-                server.subject_alt_names.push(SanType::IpAddress(ip));
-            }
-        }
-        server
-            .distinguished_name
-            .push(DnType::CommonName, SERVER_NAME);
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = KeyPair::generate()?;
-        let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
-
-        let mut client = CertificateParams::new(Vec::<String>::new())?;
-        client
-            .distinguished_name
-            .push(DnType::CommonName, "aurae-client");
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_key = KeyPair::generate()?;
-        let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key)?;
+        let (server_cert, server_key) = sign_server(&ca_cert, &ca_key, &[], &[])?;
+        let (client_cert, client_key) = sign_client(&ca_cert, &ca_key, "aurae-client")?;
 
         Ok(Self {
             ca_crt: ca_cert.pem(),
@@ -89,6 +70,48 @@ impl DevPki {
             client_key: client_key.serialize_pem(),
         })
     }
+}
+
+/// A server certificate for `server.unsafe.aurae.io`, `localhost`, the
+/// loopback addresses and the `extra` names and IP addresses, signed by
+/// the CA.
+pub fn sign_server(
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    extra_names: &[String],
+    extra_ips: &[&str],
+) -> Result<(rcgen::Certificate, KeyPair), rcgen::Error> {
+    let mut names = vec![SERVER_NAME.to_owned(), "localhost".to_owned()];
+    names.extend_from_slice(extra_names);
+    let mut server = CertificateParams::new(names)?;
+    for ip in ["127.0.0.1", "::1"].iter().chain(extra_ips) {
+        if let Ok(ip) = ip.parse() {
+            server.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+    }
+    server
+        .distinguished_name
+        .push(DnType::CommonName, SERVER_NAME);
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate()?;
+    let cert = server.signed_by(&key, ca, ca_key)?;
+    Ok((cert, key))
+}
+
+/// A client certificate named `common_name`, signed by the CA.
+pub fn sign_client(
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    common_name: &str,
+) -> Result<(rcgen::Certificate, KeyPair), rcgen::Error> {
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = client.signed_by(&key, ca, ca_key)?;
+    Ok((cert, key))
 }
 
 /// What [`ensure`] did.

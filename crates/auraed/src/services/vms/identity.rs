@@ -5,8 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aurae_client::SERVER_NAME;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair};
 
 use crate::pki::write_private;
 
@@ -49,30 +48,9 @@ pub fn mint(ca_crt: &Path, vm_id: &str, dir: &Path) -> Result<GuestIdentity, Ide
     let ca_key = KeyPair::from_pem(&read(&ca_key_path(ca_crt))?)?;
     let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
 
-    let mut server = CertificateParams::new(vec![
-        SERVER_NAME.to_owned(),
-        "localhost".to_owned(),
-        format!("{vm_id}.vm.aurae"),
-    ])?;
-    for ip in ["127.0.0.1", "::1", "10.0.2.15"] {
-        if let Ok(ip) = ip.parse() {
-            server.subject_alt_names.push(SanType::IpAddress(ip));
-        }
-    }
-    server
-        .distinguished_name
-        .push(DnType::CommonName, SERVER_NAME);
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server_key = KeyPair::generate()?;
-    let server_crt = server.signed_by(&server_key, &ca, &ca_key)?;
-
-    let mut client = CertificateParams::new(Vec::<String>::new())?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "auraed-node");
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_key = KeyPair::generate()?;
-    let client_crt = client.signed_by(&client_key, &ca, &ca_key)?;
+    let (server_crt, server_key) =
+        crate::pki::sign_server(&ca, &ca_key, &[format!("{vm_id}.vm.aurae")], &["10.0.2.15"])?;
+    let (client_crt, client_key) = crate::pki::sign_client(&ca, &ca_key, "auraed-node")?;
 
     let id = GuestIdentity {
         ca_crt: dir.join("ca.crt"),
