@@ -246,3 +246,43 @@ async fn signal_stream_errors() {
         .expect_err("bad name");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 }
+
+#[tokio::test]
+async fn stop_of_a_sigterm_ignoring_process_shows_sigterm_then_sigkill() {
+    let test = "stop_of_a_sigterm_ignoring_process_shows_sigterm_then_sigkill";
+    if !is_root() {
+        return skip(test, "needs root");
+    }
+    let d = Daemon::start_with(None, &["--stop-grace-secs", "1"]).await;
+    let c = d.client().await;
+    let cell = unique("stubborn");
+    allocate(&c, &cell, false).await;
+    let Some(mut s) = signal_stream(&c, cell_workload(&cell), test).await else {
+        return free(&c, &cell).await;
+    };
+    // `exec` keeps one process: the shell that ignores TERM becomes sleep,
+    // which inherits the ignored disposition.
+    let pid = start(
+        &c,
+        Some(&cell),
+        "ignorer",
+        "trap '' TERM; echo ready; exec sleep 300",
+    )
+    .await;
+    assert_eq!(first_line(&c, pid).await, "ready");
+    stop(&c, Some(&cell), "ignorer").await;
+    let seen = drain_signals(&mut s, Duration::from_millis(500)).await;
+    let to_it: Vec<i32> = seen
+        .iter()
+        .filter(|&&(_, p)| p == pid)
+        .map(|&(sig, _)| sig)
+        .collect();
+    // An ignored SIGTERM is not delivered (the probe reports delivered
+    // signals only); the SIGKILL after the grace period is.
+    assert!(
+        to_it.contains(&libc::SIGKILL),
+        "no SIGKILL seen for {pid}: {seen:?}"
+    );
+    assert!(exited(pid));
+    free(&c, &cell).await;
+}
