@@ -3,8 +3,8 @@
 //! cells each running `sleep`, per-cell overhead, List latency at N cells.
 //!
 //! Memory is PSS from /proc/PID/smaps_rollup (shared pages split among the
-//! processes sharing them, so holder processes, which are re-executed
-//! auraed binaries, are not counted N times); RSS is shown beside it.
+//! processes sharing them, so holder processes, which all run the same
+//! binary, are not counted N times); RSS is shown beside it.
 
 use std::{
     sync::Mutex,
@@ -237,7 +237,7 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
         f.note(format!("Free failed after {freed} cells: {e:#}"));
     }
     d.stop();
-    f.note("memory: PSS from /proc/PID/smaps_rollup, RSS from /proc/PID/status; holders are the cells' namespace holders (auraed re-executed)");
+    f.note("memory: PSS from /proc/PID/smaps_rollup, RSS from /proc/PID/status; holders are the cells' namespace holders (aurae-holder, or auraed re-executed when that binary is missing)");
     f.note("runc/crun keep no daemon and no holder: no baseline row");
     Ok(f.finish())
 }

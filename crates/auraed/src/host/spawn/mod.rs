@@ -132,7 +132,7 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter)
     };
     let child = fork_with(pid_ns, move || {
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(holder_program());
         cmd.arg(HOLDER_ARG)
             .current_dir("/")
             .stdin(Stdio::null())
@@ -183,7 +183,7 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
     let mut child = fork_with(
         spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter),
         move || {
-            let mut cmd = Command::new("/proc/self/exe");
+            let mut cmd = Command::new(holder_program());
             cmd.args([HOLDER_ARG, holder::NESTED, &hostname, net])
                 .current_dir("/")
                 .stdin(Stdio::null())
@@ -306,6 +306,21 @@ fn open_procs(files: &[PathBuf]) -> Result<Vec<OwnedFd>, SpawnError> {
                 })
         })
         .collect()
+}
+
+/// The holder program: `aurae-holder` next to the daemon's binary when it
+/// is there (small: a few hundred KiB less per isolated cell), else the
+/// daemon itself re-executed. The path is resolved once, at the first cell,
+/// while it still names the binary we run.
+fn holder_program() -> &'static std::path::Path {
+    static PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PROGRAM.get_or_init(|| {
+        std::env::current_exe()
+            .ok()
+            .map(|exe| exe.with_file_name("aurae-holder"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
+    })
 }
 
 /// Which pid namespace the child is forked into.
