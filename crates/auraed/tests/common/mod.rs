@@ -201,7 +201,7 @@ pub fn signal(pid: i32, sig: i32) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("AURAE_TEST_LOG").is_some() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("---- auraed log (last 60 lines) ----");
@@ -214,6 +214,22 @@ impl Drop for Daemon {
             if self.wait_exit(Duration::from_secs(30)).is_none() {
                 signal(self.pid(), libc::SIGKILL);
                 let _ = self.child.wait();
+            }
+        }
+        // Hygiene if the daemon could not clean up (killed, or a test
+        // failed half-way): remove this test's cgroup root where it is
+        // empty. Tests that check the daemon's own clean-up assert on it.
+        for h in [
+            "cpu", "cpuacct", "cpuset", "memory", "pids", "freezer", "unified", "",
+        ] {
+            let root = Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(self.cgroup_root.trim_start_matches('/'));
+            if root.is_dir() {
+                for leaf in ["_exec", "auraed"] {
+                    let _ = std::fs::remove_dir(root.join(leaf));
+                }
+                let _ = std::fs::remove_dir(&root);
             }
         }
     }
