@@ -58,6 +58,7 @@ impl From<crate::services::observe::ObserveError> for tonic::Status {
             E::Unimplemented(_) => Code::Unimplemented,
             E::Unavailable(_) => Code::Unavailable,
             E::Precondition(_) => Code::FailedPrecondition,
+            E::Exhausted => Code::ResourceExhausted,
         };
         tonic::Status::new(code, aurae_client::error_chain(&e))
     }

@@ -29,6 +29,9 @@ use crate::{host::ebpf::SignalObserver, logging::LogBus};
 
 /// Items buffered between a producer and tonic, per stream.
 const STREAM_CAPACITY: usize = 128;
+/// Streams open at once, over all clients; more are refused with
+/// RESOURCE_EXHAUSTED rather than letting clients exhaust the daemon.
+pub const MAX_STREAMS: usize = 1024;
 /// How long a producer tries to tell its client that the daemon stops.
 const SHUTDOWN_NOTICE: Duration = Duration::from_millis(500);
 
@@ -44,6 +47,8 @@ pub enum ObserveError {
     Unavailable(String),
     #[error("{0}")]
     Precondition(String),
+    #[error("too many open streams ({MAX_STREAMS}); close some and retry")]
+    Exhausted,
 }
 
 /// The signal probe, loaded once in the background at start-up, or why it
@@ -85,6 +90,7 @@ pub struct ObserveServiceImpl {
     cells: Arc<Cells>,
     signals: SignalSource,
     shutdown: CancellationToken,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl ObserveServiceImpl {
@@ -99,6 +105,7 @@ impl ObserveServiceImpl {
             cells,
             signals,
             shutdown,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         }
     }
 }
@@ -109,12 +116,20 @@ type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// channel. The task ends when `produce` returns, when the client goes away
 /// (the receiver is dropped; noticed even while `produce` waits for input),
 /// or when the daemon shuts down (the client then gets UNAVAILABLE).
-fn spawn_stream<T, F, Fut>(shutdown: &CancellationToken, produce: F) -> ItemStream<T>
+fn spawn_stream<T, F, Fut>(
+    shutdown: &CancellationToken,
+    streams: &Arc<tokio::sync::Semaphore>,
+    produce: F,
+) -> Result<ItemStream<T>, ObserveError>
 where
     T: Send + 'static,
     F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let permit = streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ObserveError::Exhausted)?;
     let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
     let watch = tx.clone();
     let producer = produce(tx);
@@ -128,8 +143,9 @@ where
                 let _ = tokio::time::timeout(SHUTDOWN_NOTICE, watch.send(Err(notice))).await;
             }
         }
+        drop(permit);
     });
-    Box::pin(ReceiverStream::new(rx))
+    Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
 /// Validates the channel of a GetSubProcessStream request.
@@ -190,9 +206,11 @@ impl ObserveService for ObserveServiceImpl {
         // Subscribe before returning, so every line logged after the
         // response headers reach the client is in the stream.
         let (backlog, live) = self.logs.subscribe();
-        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
-            logs::produce(backlog, live, tx)
-        })))
+        Ok(Response::new(spawn_stream(
+            &self.shutdown,
+            &self.streams,
+            |tx| logs::produce(backlog, live, tx),
+        )?))
     }
 
     async fn get_sub_process_stream(
@@ -216,9 +234,11 @@ impl ObserveService for ObserveServiceImpl {
         })?;
         let stream = output.channel(channel).clone();
         let sub = stream.subscribe();
-        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
-            subprocess::produce(stream, sub, channel, tx)
-        })))
+        Ok(Response::new(spawn_stream(
+            &self.shutdown,
+            &self.streams,
+            |tx| subprocess::produce(stream, sub, channel, tx),
+        )?))
     }
 
     async fn get_posix_signals_stream(
@@ -236,9 +256,11 @@ impl ObserveService for ObserveServiceImpl {
             Scope::Cell(name) => Some(signals::CellFilter::new(self.cells.clone(), name)?),
         };
         let live = observer.subscribe();
-        Ok(Response::new(spawn_stream(&self.shutdown, |tx| {
-            signals::produce(live, filter, tx)
-        })))
+        Ok(Response::new(spawn_stream(
+            &self.shutdown,
+            &self.streams,
+            |tx| signals::produce(live, filter, tx),
+        )?))
     }
 }
 
@@ -286,5 +308,23 @@ mod tests {
             Err(ObserveError::Unimplemented(_))
         ));
         assert!(matches!(scope(&req(9, "x")), Err(ObserveError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_cap_are_refused_and_freed_on_disconnect() {
+        let shutdown = CancellationToken::new();
+        let cap = Arc::new(tokio::sync::Semaphore::new(1));
+        let open = |cap: &Arc<tokio::sync::Semaphore>| {
+            spawn_stream::<(), _, _>(&shutdown, cap, |_tx| std::future::pending::<()>())
+        };
+        let first = open(&cap).expect("first stream");
+        assert!(matches!(open(&cap), Err(ObserveError::Exhausted)));
+        drop(first);
+        // The producer notices the vanished client and gives the slot back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open(&cap).is_err() {
+            assert!(std::time::Instant::now() < deadline, "slot not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
