@@ -68,6 +68,7 @@ pub async fn run(
         outputs,
         Duration::from_secs(config.stop_grace_secs),
     ));
+    cells.reclaim_leftovers().await;
 
     // Loading the probe takes a while (BTF, verifier): it happens in the
     // background so that start-up does not wait for it. Without BPF the

@@ -966,3 +966,48 @@ async fn a_nested_cell_can_isolate_again() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_new_daemon_reclaims_cells_left_by_one_that_was_killed() {
+    let mut first = Daemon::start().await;
+    let c = first.client().await;
+    let name = unique("orphaned");
+    allocate(&c, isolated(&name)).await.unwrap();
+    allocate(&c, cell(&format!("{name}/inner"))).await.unwrap();
+    let pids = [
+        start(&c, Some(&name), "a", "exec sleep 300").await.unwrap(),
+        start(&c, Some(&format!("{name}/inner")), "b", "exec sleep 300")
+            .await
+            .unwrap(),
+    ];
+    // No chance to clean up.
+    common::signal(first.pid(), libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).expect("killed");
+    assert!(
+        pids.iter().all(|&p| alive(p)),
+        "the workloads outlive a killed daemon"
+    );
+    assert!(cgroup_dirs(&first, &name).iter().all(|d| d.is_dir()));
+
+    let second = Daemon::start_in_cgroup_root(&first.cgroup_root).await;
+    for pid in pids {
+        wait_for(
+            "the leftover workload to be killed",
+            Duration::from_secs(10),
+            || !alive(pid),
+        )
+        .await;
+    }
+    for dir in cgroup_dirs(&second, &name) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    assert!(
+        second.log().contains("left behind by an earlier run"),
+        "{}",
+        second.log()
+    );
+    // The name is usable again.
+    let c2 = second.client().await;
+    allocate(&c2, isolated(&name)).await.unwrap();
+    free(&c2, &name).await.unwrap();
+}

@@ -71,8 +71,20 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon whose cells live under `cgroup_root` (e.g. the one
+    /// of an earlier daemon).
+    pub async fn start_in_cgroup_root(cgroup_root: &str) -> Self {
+        let d = Self::spawn_in(None, &[], Some(cgroup_root.to_owned()));
+        d.wait_ready().await;
+        d
+    }
+
     /// Spawns without waiting for readiness.
     pub fn spawn(socket: Option<&str>, extra: &[&str]) -> Self {
+        Self::spawn_in(socket, extra, None)
+    }
+
+    fn spawn_in(socket: Option<&str>, extra: &[&str], cgroup_root: Option<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("auraed-test-")
             .tempdir()
@@ -80,7 +92,7 @@ impl Daemon {
         let socket = socket
             .map(str::to_owned)
             .unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
-        let cgroup_root = format!("/{}", unique("aurae-test"));
+        let cgroup_root = cgroup_root.unwrap_or_else(|| format!("/{}", unique("aurae-test")));
         let stderr_path = dir.path().join("auraed.log");
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
         let p = Self::paths_in(dir.path());

@@ -90,6 +90,10 @@ impl CgroupBackend for FakeBackend {
         None
     }
 
+    fn leftover_cells(&self) -> Vec<Vec<String>> {
+        Vec::new()
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         self.record(FakeCall::RemoveRoot);
         Ok(())

@@ -120,6 +120,9 @@ pub trait CgroupBackend: Send + Sync + std::fmt::Debug {
     fn unified_dir(&self, path: &[&str]) -> Option<PathBuf>;
     /// Removes the root subtree (`.../aurae`) if empty; called at daemon shutdown.
     fn remove_root(&self) -> Result<(), CgroupError>;
+    /// Cells found under the root subtree (left by an earlier run of the
+    /// daemon that could not clean up), parents before their children.
+    fn leftover_cells(&self) -> Vec<Vec<String>>;
 }
 
 /// Detects the host layout once. `mount_root` is normally "/sys/fs/cgroup" (injectable for tests);
@@ -487,6 +490,32 @@ impl Tree {
         created.clear();
         Ok(())
     }
+}
+
+/// Cell paths below `root`, parents first (directories whose names are
+/// valid cell components; leaves like `_exec` are not cells).
+fn cell_dirs_below(root: &Path) -> Vec<Vec<String>> {
+    fn walk(dir: &Path, prefix: &[String], out: &mut Vec<Vec<String>>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_component(n) && n != DAEMON_LEAF)
+            .collect();
+        names.sort();
+        for n in names {
+            let mut path = prefix.to_vec();
+            path.push(n.clone());
+            out.push(path.clone());
+            walk(&dir.join(&n), &path, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &[], &mut out);
+    out
 }
 
 fn has_subdirs(dir: &Path) -> Result<bool, CgroupError> {

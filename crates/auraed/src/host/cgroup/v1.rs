@@ -301,6 +301,19 @@ impl CgroupBackend for V1Backend {
         m.cell_dir(path).map(|d| d.join(EXEC_LEAF))
     }
 
+    fn leftover_cells(&self) -> Vec<Vec<String>> {
+        let mut all: Vec<Vec<String>> = Vec::new();
+        for tree in self.trees() {
+            for c in super::cell_dirs_below(&tree.root) {
+                if !all.contains(&c) {
+                    all.push(c);
+                }
+            }
+        }
+        all.sort_by_key(Vec::len);
+        all
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut ready = lock(&self.ready);
         for tree in self.trees() {

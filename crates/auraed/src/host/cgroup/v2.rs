@@ -269,6 +269,10 @@ impl CgroupBackend for V2Backend {
         self.tree.cell_dir(path).map(|d| d.join(EXEC_LEAF))
     }
 
+    fn leftover_cells(&self) -> Vec<Vec<String>> {
+        super::cell_dirs_below(&self.tree.root)
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut enabled = lock(&self.enabled);
         self.tree.remove_root()?;

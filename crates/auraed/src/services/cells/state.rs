@@ -82,6 +82,39 @@ impl Cells {
         }
     }
 
+    /// Kills and removes cells that an earlier run of the daemon left
+    /// behind (it was killed before it could clean up): they live in our
+    /// own subtree, and a new Allocate of the same name would fail on them.
+    pub async fn reclaim_leftovers(&self) {
+        let backend = self.backend.clone();
+        let reclaimed = tokio::task::spawn_blocking(move || {
+            let cells = backend.leftover_cells();
+            for top in cells.iter().filter(|c| c.len() == 1) {
+                let path: Vec<&str> = top.iter().map(String::as_str).collect();
+                if let Err(e) = backend.kill_all(&path) {
+                    tracing::warn!(
+                        "cannot kill the processes of leftover cell {}: {e}",
+                        top.join("/")
+                    );
+                }
+            }
+            let mut removed = 0;
+            for cell in cells.iter().rev() {
+                let path: Vec<&str> = cell.iter().map(String::as_str).collect();
+                match backend.remove(&path, REMOVE_TIMEOUT) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!("cannot remove leftover cell {}: {e}", cell.join("/")),
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if reclaimed > 0 {
+            tracing::warn!("removed {reclaimed} cells left behind by an earlier run of auraed");
+        }
+    }
+
     pub fn is_v2(&self) -> bool {
         self.backend.is_v2()
     }
