@@ -28,6 +28,11 @@ use tokio::process::{Child, Command};
 /// pid → start time (clock ticks since boot, /proc/PID/stat field 22).
 static OWNED: Mutex<BTreeMap<i32, u64>> = Mutex::new(BTreeMap::new());
 
+/// Set once the reaper runs (auraed as PID 1). Until then nobody reaps
+/// orphans, so children need not be recorded (and the table, which only
+/// the reaper prunes, must not grow).
+static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// How often the reaper also looks without a SIGCHLD (a signal can be
 /// coalesced with one for an owned child).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -39,6 +44,9 @@ fn owned() -> MutexGuard<'static, BTreeMap<i32, u64>> {
 /// Spawns `cmd` and records the child as owned by its tokio waiter. Every
 /// child of this process must be started through here.
 pub fn spawn_owned(cmd: &mut Command) -> io::Result<Child> {
+    if !ACTIVE.load(std::sync::atomic::Ordering::Acquire) {
+        return cmd.spawn();
+    }
     let mut table = owned();
     let child = cmd.spawn()?;
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
@@ -92,30 +100,36 @@ pub fn reap_orphans() -> usize {
     reaped
 }
 
-/// Runs forever: reaps orphans on each SIGCHLD and every few seconds.
-pub async fn run() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigchld = match signal(SignalKind::child()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("no SIGCHLD handler ({e}); reaping orphans every {SWEEP_EVERY:?}");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
-    loop {
-        match sigchld.as_mut() {
-            Some(s) => tokio::select! {
-                _ = s.recv() => {}
-                _ = tick.tick() => {}
-            },
-            None => {
-                tick.tick().await;
+/// Turns the reaper on (children spawned from now on are recorded) and
+/// returns the task that reaps orphans on each SIGCHLD and every few
+/// seconds, forever. The flag is set before the task is first polled, so
+/// no child spawned after this call can be mistaken for an orphan.
+pub fn run() -> impl std::future::Future<Output = ()> {
+    ACTIVE.store(true, std::sync::atomic::Ordering::Release);
+    async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigchld = match signal(SignalKind::child()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no SIGCHLD handler ({e}); reaping orphans every {SWEEP_EVERY:?}");
+                None
             }
-        }
-        let n = tokio::task::spawn_blocking(reap_orphans).await.unwrap_or(0);
-        if n > 0 {
-            tracing::debug!("reaped {n} orphan(s)");
+        };
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            match sigchld.as_mut() {
+                Some(s) => tokio::select! {
+                    _ = s.recv() => {}
+                    _ = tick.tick() => {}
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
+            let n = tokio::task::spawn_blocking(reap_orphans).await.unwrap_or(0);
+            if n > 0 {
+                tracing::debug!("reaped {n} orphan(s)");
+            }
         }
     }
 }
