@@ -5,7 +5,8 @@
 //! and the VM powers off on Stop. TCG is slow, so two boots in all:
 //!
 //! - `vm_boots_auraed_as_init_and_runs_v2_cells`: the VmService refusals,
-//!   then one guest for everything else: Discover through mTLS, the cells'
+//!   then one guest for everything else: Discover through mTLS, a
+//!   read-only ext4 drive mount at /data (readable, not writable), the cells'
 //!   cgroup v2 backend on a real v2 kernel (every controller's limit in
 //!   its v2 file, an OOM kill, cpu throttling, process and network
 //!   isolation, Free leaves no cgroup), and a clean power-off on Stop.
@@ -39,7 +40,7 @@ use aurae_client::{
         discovery::DiscoverRequest,
         observe::{GetSubProcessStreamRequest, LogChannelType},
         vms::{
-            RootDrive, VirtualMachine, VmServiceCreateRequest, VmServiceFreeRequest,
+            DriveMount, RootDrive, VirtualMachine, VmServiceCreateRequest, VmServiceFreeRequest,
             VmServiceListRequest, VmServiceStartRequest, VmServiceStopRequest,
         },
     },
@@ -288,14 +289,39 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
         .await
         .unwrap_err();
     assert!(e.message().contains("machine.kernel_img_path"), "{e:?}");
+    let mut bad = machine(g, "x");
+    bad.drive_mounts = vec![DriveMount {
+        host_path: g.initrd.clone(),
+        vm_path: "/data/../etc".into(),
+        fs_type: "ext4".into(),
+        is_writeable: false,
+    }];
+    let e = vms
+        .create(VmServiceCreateRequest { machine: Some(bad) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("machine.drive_mounts.vm_path"),
+        "{e:?}"
+    );
     let start_unknown = vms.start(VmServiceStartRequest {
         vm_id: "nope".into(),
     });
     assert_eq!(code_of(start_unknown.await).await, Code::NotFound);
 
+    // A small read-only ext4 image, mounted by the guest's init at /data.
+    let data = ext4_image(d);
+    let mut with_data = machine(g, &id);
+    with_data.drive_mounts = vec![DriveMount {
+        host_path: data.display().to_string(),
+        vm_path: "/data".into(),
+        fs_type: "ext4".into(),
+        is_writeable: false,
+    }];
     let created = vms
         .create(VmServiceCreateRequest {
-            machine: Some(machine(g, &id)),
+            machine: Some(with_data),
         })
         .await
         .expect("create")
@@ -351,6 +377,27 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
         console.display()
     );
 
+    // The drive mount: readable at /data, and read-only.
+    let out = guest_run(
+        &guest,
+        None,
+        "read-data",
+        "cat /data/hello; touch /data/x 2>/dev/null; echo touch_rc=$?; \
+         awk '$2==\"/data\"{print \"mount=\" $3 \",\" $4}' /proc/mounts",
+    )
+    .await;
+    assert_eq!(
+        out.first().map(String::as_str),
+        Some(DATA_HELLO),
+        "/data/hello in the guest: {out:?}\nconsole:\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    assert_ne!(value(&out, "touch_rc"), "0", "/data is writable: {out:?}");
+    assert!(
+        value(&out, "mount").starts_with("ext4,ro"),
+        "/data is not a read-only ext4 mount: {out:?}"
+    );
+
     let t = Instant::now();
     v2_cells_in_the_guest(&guest).await;
     eprintln!("cgroup v2 checks in the guest took {:?}", t.elapsed());
@@ -376,6 +423,26 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
     assert!(listed.machines.iter().all(|m| m.id != id));
     let free_again = vms.free(VmServiceFreeRequest { vm_id: id });
     assert_eq!(code_of(free_again.await).await, Code::NotFound);
+}
+
+const DATA_HELLO: &str = "hello from a drive mount";
+
+/// An 8 MiB ext4 image holding `hello`, in the test daemon's folder.
+fn ext4_image(d: &Daemon) -> PathBuf {
+    let content = d.dir.path().join("data-content");
+    std::fs::create_dir_all(&content).expect("mkdir data-content");
+    std::fs::write(content.join("hello"), format!("{DATA_HELLO}\n")).expect("write hello");
+    let image = d.dir.path().join("data.ext4");
+    let out = std::process::Command::new("mkfs.ext4")
+        .arg("-q")
+        .arg("-d")
+        .arg(&content)
+        .arg(&image)
+        .arg("8M")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+    image
 }
 
 /// The cells' cgroup v2 backend on the guest's real v2 kernel, through

@@ -2,8 +2,9 @@
 //!
 //! Before serving, [`bring_up`] makes a bare system usable: the kernel's
 //! virtual filesystems, cgroup2 with the controllers delegated, the virtio
-//! drivers, hostname, loopback and the first NIC, and the TLS identity the
-//! host passed through QEMU fw_cfg. Each step logs its failure and the next
+//! drivers, the VM's drive mounts (`aurae.mount=`), hostname, loopback and
+//! the first NIC, and the TLS identity the host passed through QEMU fw_cfg.
+//! Each step logs its failure and the next
 //! one runs anyway: a guest without networking can still be debugged on its
 //! serial console.
 //!
@@ -12,6 +13,7 @@
 //! as usual, then [`power_off`] ends the machine. A panic does the same.
 
 mod devices;
+mod drives;
 mod mounts;
 mod net;
 
@@ -57,6 +59,8 @@ pub fn bring_up(config: &Config) {
     }
     set_hostname();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // After the modules: virtio_blk and the filesystems are loaded by now.
+    drives::mount_all(&cmdline);
     net::configure(&net::IpConfig::from_cmdline(&cmdline));
     devices::install_identity(Path::new(FW_CFG_DIR), config);
 }

@@ -45,6 +45,34 @@ pub enum Accel {
 pub struct Drive {
     pub path: PathBuf,
     pub writable: bool,
+    /// Where the guest's init mounts it; None: attached only.
+    pub mount: Option<GuestMount>,
+}
+
+/// A drive mount as the guest's init performs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    /// Absolute, without `..`, spaces or colons (validated at Create).
+    pub vm_path: String,
+    /// `[a-z0-9]+`, e.g. ext4.
+    pub fs_type: String,
+}
+
+/// The serial number the host gives the `index`th drive mount (0-based,
+/// in `drive_mounts` order), which the guest reads back from
+/// `/sys/block/vd*/serial`. The serial, not the attach order (vdb, vdc…),
+/// names the disk: PCI enumeration order is not a promise.
+pub fn drive_serial(index: usize) -> String {
+    format!("aurae{index}")
+}
+
+/// The kernel command line parameter that asks the guest's init to mount
+/// a drive: `aurae.mount=<serial>:<vm_path>:<fs_type>:<ro|rw>`. The
+/// kernel ignores it (a dotted parameter of no loaded module) and leaves
+/// it in /proc/cmdline, where init reads it (crates/auraed/src/init/drives.rs).
+pub fn mount_param(serial: &str, m: &GuestMount, writable: bool) -> String {
+    let mode = if writable { "rw" } else { "ro" };
+    format!("aurae.mount={serial}:{}:{}:{mode}", m.vm_path, m.fs_type)
 }
 
 /// Everything a backend needs to build a VM's command line.

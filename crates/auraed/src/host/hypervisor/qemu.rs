@@ -14,7 +14,7 @@ use tokio::{
     net::UnixStream,
 };
 
-use super::{Accel, BoxFuture, Hypervisor, HypervisorError, LaunchSpec};
+use super::{drive_serial, mount_param, Accel, BoxFuture, Hypervisor, HypervisorError, LaunchSpec};
 
 /// TCG's translation cache defaults to 1 GiB; a small guest needs far less
 /// and the VM's cgroup would count it.
@@ -97,18 +97,34 @@ impl Hypervisor for Qemu {
             cmdline.push("root=/dev/vda".into());
             cmdline.push(if root.writable { "rw" } else { "ro" }.into());
         }
+        for (i, d) in s.drives.iter().enumerate() {
+            if let Some(m) = &d.mount {
+                cmdline.push(mount_param(&drive_serial(i), m, d.writable));
+            }
+        }
         cmdline.extend(s.kernel_args.iter().cloned());
         push(&["-append", &cmdline.join(" ")]);
-        for d in s.root.iter().chain(&s.drives) {
+        // Explicit devices, root first: with `-drive if=virtio` QEMU would
+        // create them after every `-device`, and the guest would not find
+        // its root at /dev/vda. Each drive mount carries its serial.
+        let root = s.root.iter().map(|d| (d, "root".to_owned(), None));
+        let mounts = s
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d, format!("d{i}"), Some(drive_serial(i))));
+        for (d, id, serial) in root.chain(mounts) {
             let ro = if d.writable { "off" } else { "on" };
             push(&[
                 "-drive",
                 &format!(
-                    "file={},if=virtio,format=raw,readonly={ro}",
+                    "file={},if=none,id={id},format=raw,readonly={ro}",
                     // QEMU's option syntax escapes a comma by doubling it.
                     d.path.display().to_string().replace(',', ",,")
                 ),
             ]);
+            let serial = serial.map(|s| format!(",serial={s}")).unwrap_or_default();
+            push(&["-device", &format!("virtio-blk-pci,drive={id}{serial}")]);
         }
         for (name, file) in &s.files {
             push(&["-fw_cfg", &format!("name={name},file={}", file.display())]);
@@ -170,7 +186,7 @@ async fn qmp(dir: &Path, command: &str) -> Result<(), HypervisorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::Drive;
+    use crate::host::hypervisor::{Drive, GuestMount};
 
     #[test]
     fn command_line_has_forward_console_and_readonly_root() {
@@ -187,8 +203,23 @@ mod tests {
             root: Some(Drive {
                 path: "/r,oot.img".into(),
                 writable: false,
+                mount: None,
             }),
-            drives: vec![],
+            drives: vec![
+                Drive {
+                    path: "/attached.img".into(),
+                    writable: true,
+                    mount: None,
+                },
+                Drive {
+                    path: "/data.img".into(),
+                    writable: false,
+                    mount: Some(GuestMount {
+                        vm_path: "/data".into(),
+                        fs_type: "ext4".into(),
+                    }),
+                },
+            ],
             files: vec![("opt/aurae/ca.crt".into(), "/d/ca.crt".into())],
             host_port: 4000,
             guest_port: 8080,
@@ -199,11 +230,19 @@ mod tests {
         assert!(line.contains("hostfwd=tcp:127.0.0.1:4000-:8080"), "{line}");
         assert!(line.contains("path=/d/console.log"), "{line}");
         assert!(
-            line.contains("file=/r,,oot.img,if=virtio,format=raw,readonly=on"),
+            line.contains(
+                "-drive file=/r,,oot.img,if=none,id=root,format=raw,readonly=on \
+                 -device virtio-blk-pci,drive=root -drive file=/attached.img,if=none,id=d0,\
+                 format=raw,readonly=off -device virtio-blk-pci,drive=d0,serial=aurae0 \
+                 -drive file=/data.img,if=none,id=d1,format=raw,readonly=on \
+                 -device virtio-blk-pci,drive=d1,serial=aurae1"
+            ),
             "{line}"
         );
         assert!(
-            line.contains("console=ttyS0 panic=-1 root=/dev/vda ro quiet"),
+            line.contains(
+                "console=ttyS0 panic=-1 root=/dev/vda ro aurae.mount=aurae1:/data:ext4:ro quiet"
+            ),
             "{line}"
         );
         assert!(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aurae_proto::vms::VirtualMachine;
 
 use crate::{
-    host::hypervisor::Drive,
+    host::hypervisor::{Drive, GuestMount},
     services::cells::validation::{CellName, Invalid},
 };
 
@@ -81,20 +81,16 @@ pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> 
         Root::Disk(Drive {
             path: root_path.clone(),
             writable: root_drive.is_writeable,
+            mount: None,
         })
     };
     let mut drives = Vec::new();
     for d in m.drive_mounts {
         let path = readable_file("machine.drive_mounts.host_path", &d.host_path)?;
-        if !d.vm_path.is_empty() && !d.vm_path.starts_with('/') {
-            return Err(invalid(
-                "machine.drive_mounts.vm_path",
-                format!("{:?}: must be an absolute path", d.vm_path),
-            ));
-        }
         drives.push(Drive {
             path,
             writable: d.is_writeable,
+            mount: guest_mount(&d.vm_path, &d.fs_type)?,
         });
     }
     if let Some(a) = m.kernel_args.iter().find(|a| a.contains(['\n', '\0'])) {
@@ -114,6 +110,69 @@ pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> 
         drives,
     })
 }
+
+/// The filesystem type assumed when a drive mount names none.
+pub const DEFAULT_FS_TYPE: &str = "ext4";
+
+/// Where and how the guest mounts a drive; an empty `vm_path` only
+/// attaches it. Both travel on the kernel command line
+/// (`aurae.mount=<serial>:<vm_path>:<fs_type>:<ro|rw>`), hence no spaces,
+/// colons or quotes, and nothing that would escape the path (`..`).
+fn guest_mount(vm_path: &str, fs_type: &str) -> Result<Option<GuestMount>, Invalid> {
+    if vm_path.is_empty() {
+        return Ok(None);
+    }
+    let field = "machine.drive_mounts.vm_path";
+    if !vm_path.starts_with('/') {
+        return Err(invalid(
+            field,
+            format!("{vm_path:?}: must be an absolute path"),
+        ));
+    }
+    if vm_path == "/" || vm_path.split('/').any(|c| c == "..") {
+        return Err(invalid(
+            field,
+            format!("{vm_path:?}: must not be / nor contain `..`"),
+        ));
+    }
+    if let Some(c) = vm_path
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '"' | '\\'))
+    {
+        return Err(invalid(
+            field,
+            format!("{vm_path:?}: must not contain {c:?} (spaces, colons, quotes)"),
+        ));
+    }
+    if vm_path.len() > MAX_VM_PATH {
+        return Err(invalid(
+            field,
+            format!("{vm_path:?}: longer than {MAX_VM_PATH} bytes"),
+        ));
+    }
+    let fs_type = if fs_type.is_empty() {
+        DEFAULT_FS_TYPE
+    } else {
+        fs_type
+    };
+    if !fs_type
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(invalid(
+            "machine.drive_mounts.fs_type",
+            format!("{fs_type:?}: must match [a-z0-9]+"),
+        ));
+    }
+    Ok(Some(GuestMount {
+        vm_path: vm_path.to_owned(),
+        fs_type: fs_type.to_owned(),
+    }))
+}
+
+/// The kernel command line is a few KiB in all; one mount path gets a
+/// bounded share of it.
+const MAX_VM_PATH: usize = 256;
 
 fn readable_file(field: &'static str, p: &str) -> Result<PathBuf, Invalid> {
     if p.is_empty() {
@@ -156,7 +215,7 @@ fn generated_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aurae_proto::vms::RootDrive;
+    use aurae_proto::vms::{DriveMount, RootDrive};
 
     fn vm(f: impl FnOnce(&mut VirtualMachine)) -> VirtualMachine {
         let mut m = VirtualMachine {
@@ -178,6 +237,41 @@ mod tests {
         validate(m, 2).unwrap_err().field
     }
 
+    fn mount(vm_path: &str, fs_type: &str) -> DriveMount {
+        DriveMount {
+            host_path: "/proc/self/exe".into(),
+            vm_path: vm_path.into(),
+            fs_type: fs_type.into(),
+            is_writeable: false,
+        }
+    }
+
+    #[test]
+    fn drive_mounts_become_guest_mounts() {
+        let c = validate(
+            vm(|m| {
+                m.drive_mounts = vec![
+                    mount("/data/x.y", "ext4"),
+                    mount("/d", ""),
+                    mount("", "ext4"),
+                ]
+            }),
+            2,
+        )
+        .unwrap();
+        let mounts: Vec<_> = c.drives.iter().map(|d| d.mount.clone()).collect();
+        let gm = |p: &str, t: &str| {
+            Some(GuestMount {
+                vm_path: p.into(),
+                fs_type: t.into(),
+            })
+        };
+        assert_eq!(
+            mounts,
+            vec![gm("/data/x.y", "ext4"), gm("/d", DEFAULT_FS_TYPE), None]
+        );
+    }
+
     #[test]
     fn refusals_name_the_field() {
         assert_eq!(field(vm(|m| m.mem_size_mb = 63)), "machine.mem_size_mb");
@@ -189,6 +283,20 @@ mod tests {
             "machine.kernel_img_path"
         );
         assert_eq!(field(vm(|m| m.root_drive = None)), "machine.root_drive");
+        for bad in ["data", "/a/../b", "/", "/a b", "/a:b", "/a\"b", "/a\tb"] {
+            assert_eq!(
+                field(vm(|m| m.drive_mounts = vec![mount(bad, "ext4")])),
+                "machine.drive_mounts.vm_path",
+                "{bad:?}"
+            );
+        }
+        for bad in ["EXT4", "ext-4", "ext4 ro", "a:b"] {
+            assert_eq!(
+                field(vm(|m| m.drive_mounts = vec![mount("/data", bad)])),
+                "machine.drive_mounts.fs_type",
+                "{bad:?}"
+            );
+        }
         assert!(validate(vm(|m| m.id.clear()), 2)
             .unwrap()
             .id
