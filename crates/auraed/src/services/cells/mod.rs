@@ -4,6 +4,7 @@
 pub mod executable;
 pub mod output;
 pub mod state;
+mod teardown;
 pub mod validation;
 
 use std::sync::Arc;
