@@ -211,7 +211,8 @@ fn abs(p: &Path) -> String {
 }
 
 /// Writes `text` to `path` readable by the owner only, creating missing
-/// parent directories with mode 0700.
+/// parent directories with mode 0700. The file appears whole or not at all
+/// (written beside it, then renamed), so a reader never sees half of it.
 pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
     let err = |source| PkiError::Write {
         path: path.to_owned(),
@@ -224,12 +225,16 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
             .create(parent)
             .map_err(err)?;
     }
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
+        .open(&tmp)
         .map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)
+    f.write_all(text.as_bytes()).map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
 }

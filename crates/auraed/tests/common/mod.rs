@@ -162,8 +162,9 @@ impl Daemon {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.client_config_path().exists() {
-                if let Ok(c) = Client::connect(&self.client_config()).await {
+            // The config may not be written yet (or only partly).
+            if let Ok(config) = ClientConfig::from_file(&self.client_config_path()) {
+                if let Ok(c) = Client::connect(&config).await {
                     if c.discovery().discover(DiscoverRequest {}).await.is_ok() {
                         return;
                     }
