@@ -252,8 +252,4 @@ impl ExecTable {
     pub fn reopen(&self) {
         self.lock().closed = false;
     }
-
-    pub fn all(&self) -> Vec<Arc<Executable>> {
-        self.lock().by_name.values().flatten().cloned().collect()
-    }
 }

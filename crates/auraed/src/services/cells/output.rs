@@ -136,13 +136,6 @@ impl OutputStream {
         let _ = self.live.send(Event::End);
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.backlog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed
-    }
-
     pub fn subscribe(&self) -> Subscription {
         let b = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
         Subscription {

@@ -331,18 +331,4 @@ impl Cells {
         }
         build(None, &children)
     }
-
-    /// Host pids of the executables of a cell and its descendants.
-    pub fn executable_pids(&self, name: &CellName) -> Vec<i32> {
-        let t = self.table();
-        t.iter()
-            .filter(|(k, _)| *k == name || k.is_descendant_of(name))
-            .filter_map(|(_, s)| match s {
-                Slot::Ready(e) | Slot::Freeing(e) => Some(e.execs.all()),
-                Slot::Allocating => None,
-            })
-            .flatten()
-            .map(|x| x.pid)
-            .collect()
-    }
 }
