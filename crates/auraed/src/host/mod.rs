@@ -3,4 +3,6 @@
 pub mod cgroup;
 pub mod ebpf;
 pub mod hypervisor;
+pub mod proc;
+pub mod shim;
 pub mod spawn;

@@ -135,6 +135,7 @@ impl CellService for CellServiceImpl {
     ) -> Result<Response<CellServiceListResponse>, Status> {
         Ok(Response::new(CellServiceListResponse {
             cells: self.cells.list(),
+            host_executables: Vec::new(),
         }))
     }
 }

@@ -326,6 +326,8 @@ impl Cells {
                 .map(|c| CellGraphNode {
                     cell: Some(c.spec.clone()),
                     children: build(Some(c.name.clone()), children),
+                    executables: Vec::new(),
+                    status: String::new(),
                 })
                 .collect()
         }
