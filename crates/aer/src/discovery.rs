@@ -23,6 +23,6 @@ pub async fn discover(client: &Client, json: bool) -> Result<(), Failure> {
     if r.healthy {
         Ok(())
     } else {
-        Err(Failure("the node reports it is not healthy".into()))
+        Err(Failure::new("the node reports it is not healthy"))
     }
 }

@@ -39,6 +39,6 @@ pub async fn check(client: &Client, args: Args, json: bool) -> Result<(), Failur
     if state == ServingStatus::Serving {
         Ok(())
     } else {
-        Err(Failure(format!("{name} is not serving")))
+        Err(Failure::new(format!("{name} is not serving")))
     }
 }

@@ -38,7 +38,7 @@ enum Command {
     Discover,
     /// Query the standard gRPC health service.
     Health(health::Args),
-    /// Cells: allocate, free, start, stop, list.
+    /// Cells: allocate, free, start, stop, wait, list.
     #[command(subcommand)]
     Cell(cell::Command),
     /// Observe: the daemon's log, an executable's output, POSIX signals.
@@ -49,18 +49,36 @@ enum Command {
     Vm(vm::Command),
 }
 
-/// What a command failed with: one readable sentence.
-pub struct Failure(String);
+/// What a command failed with: one readable sentence (printed as
+/// `aer: SENTENCE`), and the exit code, 1 unless the command chose another.
+pub struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    /// The same failure, exiting with `code` instead of 1.
+    pub fn with_code(self, code: u8) -> Self {
+        Self { code, ..self }
+    }
+}
 
 impl<E: std::error::Error + 'static> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure(error_chain(&e))
+        Failure::new(error_chain(&e))
     }
 }
 
 /// Turns a gRPC status into one readable sentence.
 pub fn status(s: tonic::Status) -> Failure {
-    Failure(format!("{:?}: {}", s.code(), s.message()))
+    Failure::new(format!("{:?}: {}", s.code(), s.message()))
 }
 
 fn main() -> ExitCode {
@@ -76,25 +94,27 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(msg)) => {
-            eprintln!("aer: {msg}");
-            ExitCode::FAILURE
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { message, code }) => {
+            eprintln!("aer: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<(), Failure> {
+/// Runs the command; `Ok` carries the exit code of a command that succeeded
+/// in doing its job (0, or what `aer cell wait` reports about an executable).
+async fn dispatch(cli: Cli) -> Result<u8, Failure> {
     let mut config = ClientConfig::load(cli.config.as_deref())?;
     if let Some(socket) = cli.socket {
         config.system.socket = socket;
     }
     let client = Client::connect(&config).await?;
     match cli.command {
-        Command::Discover => discovery::discover(&client, cli.json).await,
-        Command::Health(args) => health::check(&client, args, cli.json).await,
+        Command::Discover => discovery::discover(&client, cli.json).await.map(|()| 0),
+        Command::Health(args) => health::check(&client, args, cli.json).await.map(|()| 0),
         Command::Cell(cmd) => cell::run(&client, cmd, cli.json).await,
-        Command::Observe(cmd) => observe::run(&client, cmd, cli.json).await,
-        Command::Vm(cmd) => vm::run(&client, cmd, cli.json).await,
+        Command::Observe(cmd) => observe::run(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Vm(cmd) => vm::run(&client, cmd, cli.json).await.map(|()| 0),
     }
 }

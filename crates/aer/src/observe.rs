@@ -141,7 +141,7 @@ impl Printer {
 
 /// Linux signal names (x86/arm numbering); real-time ones as glibc's
 /// SIGRTMIN+n (glibc reserves 32 and 33).
-fn signal_name(n: i32) -> String {
+pub(crate) fn signal_name(n: i32) -> String {
     const NAMES: [&str; 31] = [
         "SIGHUP",
         "SIGINT",
@@ -192,6 +192,16 @@ mod tests {
         assert_eq!(signal_name(10), "SIGUSR1");
         assert_eq!(signal_name(9), "SIGKILL");
         assert_eq!(signal_name(31), "SIGSYS");
+        assert_eq!(signal_name(1), "SIGHUP");
+        assert_eq!(signal_name(2), "SIGINT");
+        assert_eq!(signal_name(3), "SIGQUIT");
+        assert_eq!(signal_name(6), "SIGABRT");
+        assert_eq!(signal_name(11), "SIGSEGV");
+        assert_eq!(signal_name(13), "SIGPIPE");
+        assert_eq!(signal_name(14), "SIGALRM");
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(signal_name(17), "SIGCHLD");
+        assert_eq!(signal_name(34), "SIGRTMIN");
         assert_eq!(signal_name(35), "SIGRTMIN+1");
         assert_eq!(signal_name(0), "SIG0");
     }

@@ -94,6 +94,22 @@ pub struct Config {
     #[arg(long, default_value_t = DEFAULT_VM_STOP_TIMEOUT_SECS)]
     pub vm_stop_timeout_secs: u64,
 
+    /// What happens to workloads when the daemon stops (SIGTERM/SIGINT):
+    /// `keep` leaves cells and executables running, recorded under
+    /// --runtime-dir, and the next auraed started with the same directories
+    /// and cgroup root re-adopts them (as containerd does); `free` stops
+    /// every executable and frees every cell. As PID 1 (a VM guest) auraed
+    /// always frees before powering off. A crash or `kill -9` is always
+    /// `keep`.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub on_exit: crate::services::cells::OnExit,
+
+    /// Output kept per executable and channel (stdout, stderr), in bytes
+    /// (suffixes K, M, G). Older lines are rotated away; a reader that
+    /// falls behind is told how many it missed.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub output_cap: u64,
+
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -106,5 +122,42 @@ impl Config {
             1 => tracing::Level::DEBUG,
             _ => tracing::Level::TRACE,
         }
+    }
+}
+
+/// `16M`, `512K`, `1G` or plain bytes; at least the shim's minimum.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 16M"))?;
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    let min = crate::host::shim::format::MIN_OUTPUT_CAP;
+    if v < min {
+        return Err(format!("must be at least {min} bytes (256K)"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("262144"), Ok(256 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999G").is_err());
     }
 }

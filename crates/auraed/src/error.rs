@@ -19,6 +19,11 @@ pub enum DaemonError {
     Hypervisor(#[from] crate::host::hypervisor::HypervisorError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
+    #[error("cannot open the state directory {path}: {source}")]
+    State {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl From<crate::services::cells::CellsError> for tonic::Status {

@@ -62,13 +62,26 @@ pub async fn run(
         "cgroup backend: {}",
         if cgroups.is_v2() { "v2" } else { "v1 (hybrid)" }
     );
-    let outputs = Arc::new(services::cells::output::Outputs::default());
+    let store = services::cells::persist::Store::open(&config.runtime_dir).map_err(|e| {
+        DaemonError::State {
+        path: config.runtime_dir.join("state"),
+        source: e,
+    }
+    })?;
     let cells = Arc::new(services::cells::Cells::new(
         cgroups,
-        outputs,
+        store,
         Duration::from_secs(config.stop_grace_secs),
+        config.output_cap,
     ));
-    cells.reclaim_leftovers().await;
+    cells.adopt().await;
+    // A machine's init stops its workloads before powering off, whatever
+    // the flag says: nothing could re-adopt them.
+    let on_exit = if config.init || init::is_pid1() {
+        services::cells::OnExit::Free
+    } else {
+        config.on_exit
+    };
 
     // Loading the probe takes a while (BTF, verifier): it happens in the
     // background so that start-up does not wait for it. Without BPF the
@@ -165,7 +178,7 @@ pub async fn run(
     // Whatever happened to the server, leave nothing behind: guests get
     // their power button first, then the cells (QEMU's among them) go.
     vms.shutdown().await;
-    cells.shutdown().await;
+    cells.shutdown(on_exit).await;
     served?;
     tracing::info!("auraed stopped");
     Ok(())

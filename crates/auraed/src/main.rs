@@ -13,6 +13,13 @@ fn main() -> std::process::ExitCode {
     {
         auraed::host::spawn::holder::main();
     }
+    // So is an executable's shim (when `aurae-shim` is not installed).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == auraed::host::shim::SHIM_ARG)
+    {
+        auraed::host::shim::main();
+    }
     let pid1 = auraed::init::is_pid1();
     let mut config = if pid1 {
         // The kernel hands init every command-line word it does not know

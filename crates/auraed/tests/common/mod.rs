@@ -49,6 +49,8 @@ pub struct Daemon {
     pub socket: String,
     pub cgroup_root: String,
     stderr_path: PathBuf,
+    /// The flags it was started with (a restart uses them again).
+    extra: Vec<String>,
 }
 
 pub struct Paths {
@@ -94,11 +96,33 @@ impl Daemon {
             .unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
         let cgroup_root = cgroup_root.unwrap_or_else(|| format!("/{}", unique("aurae-test")));
         let stderr_path = dir.path().join("auraed.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("log file");
-        let p = Self::paths_in(dir.path());
-        let child = Command::new(auraed_bin())
+        // Test daemons free everything when they stop, unless the test is
+        // about keeping workloads across restarts.
+        let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        if !extra.iter().any(|a| a == "--on-exit") {
+            extra.extend(["--on-exit".to_owned(), "free".to_owned()]);
+        }
+        let child = Self::exec(dir.path(), &socket, &cgroup_root, &extra, &stderr_path);
+        Daemon {
+            child,
+            dir,
+            socket,
+            cgroup_root,
+            stderr_path,
+            extra,
+        }
+    }
+
+    fn exec(dir: &Path, socket: &str, cgroup_root: &str, extra: &[String], log: &Path) -> Child {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let p = Self::paths_in(dir);
+        Command::new(auraed_bin())
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .arg("--ca-crt")
             .arg(&p.ca_crt)
             .arg("--server-crt")
@@ -106,27 +130,58 @@ impl Daemon {
             .arg("--server-key")
             .arg(&p.server_key)
             .arg("--runtime-dir")
-            .arg(dir.path().join("run"))
+            .arg(dir.join("run"))
             .arg("--library-dir")
-            .arg(dir.path().join("lib"))
+            .arg(dir.join("lib"))
             .arg("--cgroup-root")
-            .arg(&cgroup_root)
+            .arg(cgroup_root)
             .args(extra)
             // The first-start PKI also writes ~/.aurae/config: keep it in here.
-            .env("HOME", dir.path())
+            .env("HOME", dir)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("spawn auraed");
-        Daemon {
-            child,
-            dir,
-            socket,
-            cgroup_root,
-            stderr_path,
+            .expect("spawn auraed")
+    }
+
+    /// Stops the daemon with `sig` (SIGKILL: a crash) and starts a new one
+    /// with the same directories, cgroup root and flags (`extra` replaces
+    /// them if given); waits until it answers.
+    pub async fn restart(&mut self, sig: i32, extra: Option<&[&str]>) {
+        self.stop_with(sig);
+        self.respawn(extra).await;
+    }
+
+    /// Sends `sig` and waits for the daemon to exit.
+    pub fn stop_with(&mut self, sig: i32) {
+        signal(self.pid(), sig);
+        if self.wait_exit(Duration::from_secs(30)).is_none() {
+            signal(self.pid(), libc::SIGKILL);
+            let _ = self.child.wait();
+            panic!("auraed did not exit after signal {sig}; log:\n{}", self.log());
         }
+    }
+
+    /// Starts a new daemon after [`Daemon::stop_with`] (see `restart`).
+    pub async fn respawn(&mut self, extra: Option<&[&str]>) {
+        if let Some(extra) = extra {
+            self.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        }
+        self.child = Self::exec(
+            self.dir.path(),
+            &self.socket,
+            &self.cgroup_root,
+            &self.extra,
+            &self.stderr_path,
+        );
+        self.wait_ready().await;
+    }
+
+    /// Whether it was started with `--on-exit keep`.
+    fn keeps(&self) -> bool {
+        self.extra.windows(2).any(|w| w[0] == "--on-exit" && w[1] == "keep")
     }
 
     pub fn paths_in(dir: &Path) -> Paths {
@@ -160,23 +215,11 @@ impl Daemon {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // The config may not be written yet (or only partly).
-            if let Ok(config) = ClientConfig::from_file(&self.client_config_path()) {
-                if let Ok(c) = Client::connect(&config).await {
-                    if c.discovery().discover(DiscoverRequest {}).await.is_ok() {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "auraed did not become ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(
+            answers_within(&self.client_config_path(), Duration::from_secs(30)).await,
+            "auraed did not become ready; log:\n{}",
+            self.log()
+        );
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
@@ -205,6 +248,26 @@ impl Daemon {
     }
 }
 
+/// Whether a daemon answers Discover (with the client config at `path`)
+/// within `timeout`.
+pub async fn answers_within(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // The config may not be written yet (or only partly).
+        if let Ok(config) = ClientConfig::from_file(path) {
+            if let Ok(c) = Client::connect(&config).await {
+                if c.discovery().discover(DiscoverRequest {}).await.is_ok() {
+                    return true;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn signal(pid: i32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
@@ -227,6 +290,47 @@ impl Drop for Daemon {
             if self.wait_exit(Duration::from_secs(30)).is_none() {
                 signal(self.pid(), libc::SIGKILL);
                 let _ = self.child.wait();
+            }
+        }
+        if self.keeps() {
+            // It left its workloads running (as asked): a daemon with the
+            // free policy on the same directories re-adopts and frees them,
+            // also when the test failed half-way.
+            let mut extra = self.extra.clone();
+            if let Some(i) = extra.iter().position(|a| a == "--on-exit") {
+                extra.drain(i..(i + 2).min(extra.len()));
+            }
+            extra.extend(["--on-exit".to_owned(), "free".to_owned()]);
+            let mut child = Self::exec(
+                self.dir.path(),
+                &self.socket,
+                &self.cgroup_root,
+                &extra,
+                &self.stderr_path,
+            );
+            // Once it answers (re-adoption done, signal handlers in
+            // place), SIGTERM makes it free everything. Drop may run inside
+            // the test's runtime: wait on a thread with a runtime of its own.
+            let config = self.client_config_path();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(answers_within(&config, Duration::from_secs(30)))
+            })
+            .join();
+            signal(child.id() as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = child.try_wait() {
+                signal(child.id() as i32, libc::SIGKILL);
+                let _ = child.wait();
             }
         }
         // Hygiene if the daemon could not clean up (killed, or a test

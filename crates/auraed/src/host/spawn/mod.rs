@@ -31,6 +31,8 @@ use tokio::process::{Child, Command};
 
 pub use namespaces::{Kind, NsSet};
 
+use crate::host::proc::{self, ProcId};
+
 /// argv[1] that makes `auraed` run as a cell's namespace holder.
 pub const HOLDER_ARG: &str = "__aurae_cell_holder__";
 /// The environment executables start with.
@@ -67,24 +69,65 @@ pub struct HolderSpec {
     pub hostname: String,
 }
 
-/// A running holder and the namespaces it keeps alive.
+/// A running holder and the namespaces it keeps alive. It is not tied to
+/// the daemon's process: a new daemon re-adopts it by pid and start time
+/// ([`Holder::adopt`]).
 #[derive(Debug)]
 pub struct Holder {
-    /// Our child: the holder itself, or for nested pid isolation the
-    /// intermediate process whose child is the holder.
-    pub child: Child,
-    /// Host pid of the holder (the process whose namespaces the cell uses).
-    pub pid: i32,
+    /// The process whose namespaces the cell uses (PID 1 of its pid ns).
+    pub pid: ProcId,
+    /// For a nested pid namespace: the intermediate process (in the parent
+    /// cell's pid namespace) whose child the holder is.
+    pub intermediate: Option<ProcId>,
     pub ns: Arc<NsSet>,
+    /// Readable once the holder has exited.
+    pidfd: OwnedFd,
 }
 
 impl Holder {
-    /// SIGKILLs the holder (ending its pid namespace) and waits, bounded.
-    pub async fn kill(mut self, timeout: std::time::Duration) -> bool {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        let _ = self.child.start_kill();
-        tokio::time::timeout(timeout, self.child.wait())
+    fn new(pid: i32, intermediate: Option<i32>) -> Result<Self, SpawnError> {
+        let gone = || SpawnError::Start {
+            what: "holder",
+            source: io::Error::other("it exited right away"),
+        };
+        let id = ProcId::of(pid).ok_or_else(gone)?;
+        let pidfd = id.open().ok_or_else(gone)?;
+        let ns = Arc::new(NsSet::of_process(pid)?);
+        Ok(Self {
+            pid: id,
+            intermediate: intermediate.and_then(ProcId::of),
+            ns,
+            pidfd,
+        })
+    }
+
+    /// Takes over the holder a previous run of the daemon started; None if
+    /// that process is gone.
+    pub fn adopt(pid: ProcId, intermediate: Option<ProcId>) -> Option<Self> {
+        let pidfd = pid.open()?;
+        let ns = NsSet::of_process(pid.pid).ok()?;
+        // The namespaces were opened by pid: make sure it is still ours.
+        pid.exists().then(|| Self {
+            pid,
+            intermediate,
+            ns: Arc::new(ns),
+            pidfd,
+        })
+    }
+
+    /// Whether the holder still runs (its namespaces can take processes).
+    pub fn is_alive(&self) -> bool {
+        !proc::has_exited(&self.pidfd)
+    }
+
+    /// SIGKILLs the holder (ending its pid namespace) and its intermediate,
+    /// and waits, bounded, for the holder to be gone.
+    pub async fn kill(self, timeout: std::time::Duration) -> bool {
+        let _ = proc::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
+        if let Some(i) = self.intermediate {
+            i.signal(libc::SIGKILL);
+        }
+        tokio::time::timeout(timeout, proc::exited(self.pidfd))
             .await
             .is_ok()
     }
@@ -138,7 +181,8 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            // It outlives the daemon (see Holder).
+            .kill_on_drop(false);
         // SAFETY: the closure only makes async-signal-safe system calls
         // on data prepared before the fork (see ChildSetup::apply).
         unsafe { cmd.pre_exec(move || setup.apply()) };
@@ -153,8 +197,9 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or(SpawnError::Thread)?;
-    let ns = Arc::new(NsSet::of_process(pid)?);
-    Ok(Holder { child, pid, ns })
+    // Not waited for here: dropped, tokio reaps it once it exits.
+    drop(child);
+    Holder::new(pid, None)
 }
 
 /// A new pid namespace inside a cell that already has one. A thread cannot
@@ -189,7 +234,8 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
-                .kill_on_drop(true);
+                // It outlives the daemon (see Holder).
+                .kill_on_drop(false);
             // SAFETY: the closure only makes async-signal-safe system calls
             // on data prepared before the fork (see ChildSetup::apply).
             unsafe { cmd.pre_exec(move || setup.apply()) };
@@ -228,8 +274,8 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         .next()
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| not_ready("its holder process is gone".into()))?;
-    let ns = Arc::new(NsSet::of_process(pid)?);
-    Ok(Holder { child, pid, ns })
+    drop(child);
+    Holder::new(pid, Some(inter))
 }
 
 /// What an executable runs in.

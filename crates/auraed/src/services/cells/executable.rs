@@ -1,155 +1,236 @@
-//! Executables: started, watched until exit, stopped gracefully.
+//! Executables: started through a shim (the process that outlives the
+//! daemon; see `host::shim`), watched until exit, stopped gracefully.
+//! The daemon keeps only this small record per executable (the output is
+//! in files), so its memory does not depend on what was printed.
 
 use std::{
     collections::HashMap,
-    process::ExitStatus,
+    path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use tokio::{process::Child, sync::watch, task::JoinHandle};
+use aurae_proto::cells::ExecutableStatus;
+use tokio::sync::watch;
 
-use super::{
-    output::{OutputStream, Outputs, ProcessOutput},
-    CellsError,
+use super::{persist::ExecRecord, CellsError};
+use crate::host::{
+    proc::{self, ProcId},
+    shim::format::{self, ExitRecord},
 };
 
 /// After SIGKILL, how long to wait for the exit before reporting an error.
 const KILL_WAIT: Duration = Duration::from_secs(10);
-/// How long a stopped executable's output may take to drain (a grandchild
-/// that escaped the process group can hold the pipe open forever).
-const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// How long a released shim gets to write its last output and exit.
+const SHIM_WAIT: Duration = Duration::from_secs(5);
+/// How long after the exit the shim gets to record it, at most.
+const EXIT_RECORD_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy)]
-pub struct ExitInfo {
-    pub status: ExitStatus,
-    pub at: SystemTime,
+/// How an executable ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// As its shim recorded it.
+    Known(ExitRecord),
+    /// It ended while nothing could record how (its shim was killed).
+    Unknown { at: i64 },
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Known(r) => r.fmt(f),
+            Exit::Unknown { .. } => write!(f, "unknown (its shim was gone)"),
+        }
+    }
 }
 
 /// One running (or exited, not yet stopped) executable.
 #[derive(Debug)]
 pub struct Executable {
+    pub record: ExecRecord,
+    pub dir: PathBuf,
     pub name: String,
+    /// Host pid.
     pub pid: i32,
-    exit: watch::Receiver<Option<ExitInfo>>,
-    drains: Mutex<Vec<JoinHandle<()>>>,
-    /// Reaped only when stopped (see `host::spawn::exit`).
-    child: tokio::sync::Mutex<Option<Child>>,
+    exit: watch::Receiver<Option<Exit>>,
 }
 
 impl Executable {
-    /// Takes over a freshly spawned child: drains its pipes into a new
-    /// output entry and watches for its exit.
-    pub fn watch(
-        name: String,
-        mut child: Child,
-        outputs: &Arc<Outputs>,
-        context: String,
-    ) -> Result<Arc<Self>, CellsError> {
-        let pid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .ok_or_else(|| CellsError::Internal("a started executable has no pid".into()))?;
-        let out = Arc::new(ProcessOutput {
-            stdout: OutputStream::new(),
-            stderr: OutputStream::new(),
-        });
-        let mut drains = Vec::with_capacity(2);
-        if let Some(pipe) = child.stdout.take() {
-            drains.push(tokio::spawn(out.stdout.clone().drain(pipe)));
-        }
-        if let Some(pipe) = child.stderr.take() {
-            drains.push(tokio::spawn(out.stderr.clone().drain(pipe)));
-        }
-        outputs.insert(pid, out);
+    /// Watches a started (or re-adopted) executable until it exits.
+    pub fn watch(record: ExecRecord, dir: PathBuf, context: String) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
-        let exe = name.clone();
+        let (pid, shim, name) = (record.pid, record.shim, record.name.clone());
+        let exit_file = dir.join(format::EXIT);
         tokio::spawn(async move {
-            match crate::host::spawn::exit::exited(pid).await {
-                Ok(status) => {
-                    tracing::info!("executable {exe:?} ({context}, pid {pid}) exited: {status}");
-                    let _ = tx.send(Some(ExitInfo {
-                        status,
-                        at: SystemTime::now(),
-                    }));
-                }
-                Err(e) => tracing::error!("cannot wait for executable {exe:?} (pid {pid}): {e}"),
+            let exit = watch_exit(pid, shim, &exit_file).await;
+            match exit {
+                Exit::Known(r) => tracing::info!(
+                    "executable {name:?} ({context}, pid {}) exited: {r}",
+                    pid.pid
+                ),
+                Exit::Unknown { .. } => tracing::warn!(
+                    "executable {name:?} ({context}, pid {}) ended while its shim (pid {}) was gone: exit status unknown",
+                    pid.pid,
+                    shim.pid
+                ),
             }
+            let _ = tx.send(Some(exit));
         });
-        Ok(Arc::new(Self {
-            name,
-            pid,
+        Arc::new(Self {
+            name: record.name.clone(),
+            pid: record.pid.pid,
+            record,
+            dir,
             exit: rx,
-            drains: Mutex::new(drains),
-            child: tokio::sync::Mutex::new(Some(child)),
-        }))
+        })
     }
 
-    pub fn exit_info(&self) -> Option<ExitInfo> {
+    pub fn exit(&self) -> Option<Exit> {
         *self.exit.borrow()
+    }
+
+    pub fn status(&self) -> ExecutableStatus {
+        let r = &self.record;
+        let mut s = ExecutableStatus {
+            name: r.name.clone(),
+            command: r.command.clone(),
+            pid: r.pid.pid,
+            state: "running".into(),
+            exit_code: None,
+            signal: None,
+            started_at: r.started_at,
+            exited_at: None,
+            uid: r.uid,
+            gid: r.gid,
+            description: r.description.clone(),
+        };
+        match self.exit() {
+            None => {}
+            Some(Exit::Known(e)) => {
+                s.state = "exited".into();
+                s.exit_code = e.code;
+                s.signal = e.signal;
+                s.exited_at = Some(e.at);
+            }
+            Some(Exit::Unknown { at }) => {
+                s.state = "unknown".into();
+                s.exited_at = Some(at);
+            }
+        }
+        s
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {
         let mut rx = self.exit.clone();
-        let done = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
             .await
-            .is_ok_and(|r| r.is_ok());
-        done
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether a signal to the executable's process group can only reach
+    /// its own processes: the leader is alive, or it is a zombie its shim
+    /// keeps unreaped (so the group id cannot have been reused).
+    fn group_is_ours(&self) -> bool {
+        self.record.pid.is_running() || (self.record.pid.exists() && self.record.shim.is_running())
     }
 
     /// SIGTERM to the whole process group, `grace` to go, then SIGKILL.
-    /// Returns once the process has exited and been reaped, and its output
-    /// has been drained.
-    pub async fn stop(&self, grace: Duration) -> Result<ExitInfo, CellsError> {
-        if self.exit_info().is_none() || group_alive(self.pid) {
-            signal_group(self.pid, libc::SIGTERM);
+    /// Returns once the executable has exited, its group is gone and its
+    /// shim has written the last output and exited.
+    pub async fn stop(&self, grace: Duration) -> Result<Exit, CellsError> {
+        let pgid = self.pid;
+        if self.group_is_ours() && (self.exit().is_none() || group_alive(pgid)) {
+            signal_group(pgid, libc::SIGTERM);
             let deadline = Instant::now() + grace;
-            while Instant::now() < deadline && (self.exit_info().is_none() || group_alive(self.pid))
-            {
+            while Instant::now() < deadline && (self.exit().is_none() || group_alive(pgid)) {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if self.exit_info().is_none() {
+                if self.exit().is_none() {
                     self.wait_exit(left.min(Duration::from_millis(50))).await;
                 } else {
                     tokio::time::sleep(left.min(Duration::from_millis(10))).await;
                 }
             }
-            if self.exit_info().is_none() || group_alive(self.pid) {
+            if self.group_is_ours() && (self.exit().is_none() || group_alive(pgid)) {
                 tracing::info!(
-                    "executable {:?} (pid {}) still running after {}s: SIGKILL",
+                    "executable {:?} (pid {pgid}) still running after {}s: SIGKILL",
                     self.name,
-                    self.pid,
                     grace.as_secs_f32()
                 );
-                signal_group(self.pid, libc::SIGKILL);
+                signal_group(pgid, libc::SIGKILL);
             }
             if !self.wait_exit(KILL_WAIT).await {
                 return Err(CellsError::Internal(format!(
-                    "executable {:?} (pid {}) did not exit {}s after SIGKILL",
+                    "executable {:?} (pid {pgid}) did not exit {}s after SIGKILL",
                     self.name,
-                    self.pid,
                     KILL_WAIT.as_secs()
                 )));
             }
+        } else if self.exit().is_none() {
+            // Neither running nor anchored: the watcher is about to say so.
+            self.wait_exit(EXIT_RECORD_WAIT).await;
         }
-        // Now that the group is gone, the pid may be released.
-        if let Some(mut child) = self.child.lock().await.take() {
-            if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
-                tracing::warn!("cannot reap executable {:?} (pid {})", self.name, self.pid);
-            }
-        }
-        let drains = std::mem::take(&mut *self.drains.lock().unwrap_or_else(|p| p.into_inner()));
-        for d in drains {
-            if tokio::time::timeout(DRAIN_WAIT, d).await.is_err() {
-                tracing::warn!(
-                    "output of {:?} (pid {}) still open after exit; not waiting for it",
-                    self.name,
-                    self.pid
-                );
-            }
-        }
-        self.exit_info().ok_or_else(|| {
+        release_shim(self.record.shim).await;
+        self.exit().ok_or_else(|| {
             CellsError::Internal(format!("executable {:?} exit not recorded", self.name))
         })
+    }
+}
+
+/// Tells a shim to write its last output, reap its executable and exit
+/// (SIGUSR1), and waits for it, bounded; SIGKILL if it does not go.
+pub async fn release_shim(shim: ProcId) {
+    let Some(fd) = shim.open() else { return };
+    if proc::pidfd_send_signal(&fd, libc::SIGUSR1).is_err() {
+        return;
+    }
+    let fd2 = fd.try_clone().ok();
+    if tokio::time::timeout(SHIM_WAIT, proc::exited(fd))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shim (pid {}) did not exit after release: SIGKILL", shim.pid);
+        if let Some(fd) = fd2 {
+            let _ = proc::pidfd_send_signal(&fd, libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits for the exit of `pid`, then for its shim's record of it.
+async fn watch_exit(pid: ProcId, shim: ProcId, exit_file: &std::path::Path) -> Exit {
+    if let Some(fd) = pid.open() {
+        if let Err(e) = proc::exited(fd).await {
+            tracing::warn!("cannot watch pid {}: {e}; polling", pid.pid);
+            while pid.is_running() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // The shim writes exit.json right after the kernel tells it.
+    let deadline = Instant::now() + EXIT_RECORD_WAIT;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        match format::read_json::<ExitRecord>(exit_file) {
+            Ok(Some(r)) => return Exit::Known(r),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("unreadable {}: {e}", exit_file.display());
+                return Exit::Unknown {
+                    at: crate::logging::now_nanos(),
+                };
+            }
+        }
+        if !shim.is_running() || Instant::now() > deadline {
+            // One last look: it may have been written just before the shim
+            // exited.
+            if let Ok(Some(r)) = format::read_json::<ExitRecord>(exit_file) {
+                return Exit::Known(r);
+            }
+            return Exit::Unknown {
+                at: crate::logging::now_nanos(),
+            };
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -162,8 +243,8 @@ fn signal_group(pgid: i32, sig: i32) {
 }
 
 /// Whether any live process of the group is left. The leader stays a
-/// zombie until it is reaped (see `host::spawn::exit`), which kill(2) still
-/// counts as a member, so a positive answer is checked against /proc.
+/// zombie until its shim reaps it, which kill(2) still counts as a member,
+/// so a positive answer is checked against /proc.
 fn group_alive(pgid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     if unsafe { libc::kill(-pgid, 0) } != 0 {
@@ -173,17 +254,11 @@ fn group_alive(pgid: i32) -> bool {
         return true;
     };
     dir.flatten().any(|e| {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            return false;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return false;
-        };
-        // Fields after the command name: state, ppid, pgrp, ...
-        let mut f = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        let state = f.next().unwrap_or("Z");
-        let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
-        state != "Z" && pgrp == Some(pgid)
+        e.file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+            .and_then(proc::stat)
+            .is_some_and(|s| s.state != 'Z' && s.pgrp == pgid)
     })
 }
 
@@ -240,6 +315,13 @@ impl ExecTable {
 
     pub fn remove(&self, name: &str) {
         self.lock().by_name.remove(name);
+    }
+
+    /// Every executable, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Executable>> {
+        let mut v: Vec<_> = self.lock().by_name.values().flatten().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Refuses new Starts and returns every executable.

@@ -1,8 +1,10 @@
 //! `aurae.cells.v0.CellService`: validation and the gRPC edge; the domain
 //! lives in `state.rs`, the kernel work in `crate::host`.
 
+mod adopt;
 pub mod executable;
 pub mod output;
+pub mod persist;
 pub mod state;
 mod teardown;
 pub mod validation;
@@ -18,7 +20,8 @@ use aurae_proto::cells::{
 use tonic::{Request, Response, Status};
 
 use crate::host::{cgroup::CgroupError, spawn::SpawnError};
-pub use state::{Cells, Context};
+pub use adopt::Adopted;
+pub use state::{Cells, Context, StartSpec};
 use validation::{CellName, Invalid};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,15 @@ pub enum CellsError {
     Spawn(#[from] SpawnError),
     #[error("{0}")]
     Internal(String),
+}
+
+/// What the daemon does with its workloads when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Leave them running, recorded on disk, for the next start to re-adopt.
+    Keep,
+    /// Stop every executable and free every cell.
+    Free,
 }
 
 #[derive(Debug, Clone)]
@@ -107,10 +119,14 @@ impl CellService for CellServiceImpl {
             })
             .into());
         }
-        let s = self
-            .cells
-            .start(ctx, name, exe.command, r.uid, r.gid)
-            .await?;
+        let spec = StartSpec {
+            name,
+            command: exe.command,
+            description: exe.description,
+            uid: r.uid,
+            gid: r.gid,
+        };
+        let s = self.cells.start(ctx, spec).await?;
         Ok(Response::new(CellServiceStartResponse {
             pid: s.pid,
             uid: s.uid,
@@ -135,7 +151,7 @@ impl CellService for CellServiceImpl {
     ) -> Result<Response<CellServiceListResponse>, Status> {
         Ok(Response::new(CellServiceListResponse {
             cells: self.cells.list(),
-            host_executables: Vec::new(),
+            host_executables: self.cells.host_executables(),
         }))
     }
 }

@@ -1,24 +1,30 @@
 //! The cells of this node: allocation, executables, teardown. A std Mutex
 //! guards only the name table; kernel work happens outside it, so calls on
-//! different cells never wait for each other.
+//! different cells never wait for each other. Every cell and executable is
+//! also recorded on disk (`persist`), so that a new run of the daemon
+//! re-adopts them (`adopt.rs`).
 
 use std::{
     collections::{BTreeMap, HashMap},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use aurae_proto::cells::{Cell, CellGraphNode};
+use aurae_proto::cells::{Cell, CellGraphNode, ExecutableStatus};
 
 use super::{
     executable::{ExecTable, Executable},
-    output::Outputs,
+    output::{OutputSource, Outputs},
+    persist::{CellRecord, CellSpec, ExecRecord, HolderRecord, Store},
     validation::CellName,
     CellsError,
 };
 use crate::host::{
     cgroup::{CgroupBackend, Limits},
-    spawn::{self, ExecSpec, Holder, HolderSpec, NsSet},
+    proc::ProcId,
+    shim::{self, ShimSpec},
+    spawn::{self, Holder, HolderSpec, NsSet},
 };
 
 /// How long Free waits for a cell's cgroups to empty.
@@ -32,10 +38,21 @@ pub struct CellEntry {
     /// The cell as allocated (name normalized to the full path).
     pub spec: Cell,
     /// Namespaces its processes enter (None: the host's).
-    ns: Option<Arc<NsSet>>,
+    pub(super) ns: Option<Arc<NsSet>>,
+    /// Its own holder, if it isolates.
     pub(super) holder: Mutex<Option<Holder>>,
+    /// The holders whose namespaces its processes enter (its own and its
+    /// isolated ancestors'): if one is gone, so are its namespaces.
+    pub(super) ns_holders: Vec<ProcId>,
     pub(super) execs: ExecTable,
-    procs_files: Vec<std::path::PathBuf>,
+    pub(super) procs_files: Vec<PathBuf>,
+}
+
+impl CellEntry {
+    /// The first holder whose namespaces this cell needs and that is gone.
+    pub(super) fn dead_holder(&self) -> Option<ProcId> {
+        self.ns_holders.iter().copied().find(|h| !h.is_running())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -51,11 +68,31 @@ pub enum Context {
     Cell(CellName),
 }
 
+impl Context {
+    pub fn label(&self) -> String {
+        match self {
+            Context::Host => "the host context".to_owned(),
+            Context::Cell(c) => format!("cell {c}"),
+        }
+    }
+}
+
+/// What Start runs.
+pub struct StartSpec {
+    pub name: String,
+    pub command: String,
+    pub description: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
 #[derive(Debug)]
 pub struct Cells {
     pub(super) backend: Arc<dyn CgroupBackend>,
     pub(super) outputs: Arc<Outputs>,
     pub(super) stop_grace: Duration,
+    pub(super) store: Store,
+    output_cap: u64,
     table: Mutex<BTreeMap<CellName, Slot>>,
     pub(super) host: ExecTable,
 }
@@ -69,13 +106,16 @@ pub struct Started {
 impl Cells {
     pub fn new(
         backend: Arc<dyn CgroupBackend>,
-        outputs: Arc<Outputs>,
+        store: Store,
         stop_grace: Duration,
+        output_cap: u64,
     ) -> Self {
         Self {
             backend,
-            outputs,
+            outputs: Arc::new(Outputs::default()),
             stop_grace,
+            store,
+            output_cap,
             table: Mutex::new(BTreeMap::new()),
             host: ExecTable::default(),
         }
@@ -128,17 +168,25 @@ impl Cells {
         limits: Limits,
     ) -> Result<(), CellsError> {
         self.backend.check_supported(&limits)?;
-        let parent_ns = {
+        let parent = {
             let mut t = self.table();
             if t.contains_key(&name) {
                 return Err(CellsError::AlreadyExists(format!(
                     "cell {name} already exists"
                 )));
             }
-            let parent_ns = match name.parent() {
+            let parent = match name.parent() {
                 None => None,
                 Some(p) => match t.get(&p) {
-                    Some(Slot::Ready(e)) => e.ns.clone(),
+                    Some(Slot::Ready(e)) => {
+                        if let Some(h) = e.dead_holder() {
+                            return Err(CellsError::Precondition(format!(
+                                "parent cell {p} has lost its namespaces (its holder, pid {}, is gone); free it",
+                                h.pid
+                            )));
+                        }
+                        Some(e.clone())
+                    }
                     Some(Slot::Freeing(_)) => {
                         return Err(CellsError::Precondition(format!(
                             "parent cell {p} is being freed"
@@ -148,12 +196,41 @@ impl Cells {
                 },
             };
             t.insert(name.clone(), Slot::Allocating);
-            parent_ns
+            parent
         };
-        match self.create(&name, &spec, &limits, parent_ns).await {
+        let (parent_ns, parent_holders) = parent
+            .map(|p| (p.ns.clone(), p.ns_holders.clone()))
+            .unwrap_or_default();
+        spec.name = name.to_string();
+        match self
+            .create(&name, &spec, &limits, parent_ns, parent_holders)
+            .await
+        {
             Ok(entry) => {
-                spec.name = name.to_string();
                 let entry = Arc::new(CellEntry { spec, ..entry });
+                let holder = entry
+                    .holder
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|h| HolderRecord {
+                        pid: h.pid,
+                        intermediate: h.intermediate,
+                    });
+                let record = CellRecord {
+                    name: name.to_string(),
+                    spec: CellSpec::of(&entry.spec),
+                    holder,
+                    created_at: crate::logging::now_nanos(),
+                };
+                if let Err(e) = self.store.write_cell(&record) {
+                    self.table().insert(name.clone(), Slot::Freeing(entry.clone()));
+                    let _ = self.teardown(&name, &[entry]).await;
+                    self.table().remove(&name);
+                    return Err(CellsError::Internal(format!(
+                        "cannot record cell {name}: {e}"
+                    )));
+                }
                 self.table().insert(name.clone(), Slot::Ready(entry));
                 tracing::info!("allocated cell {name}");
                 Ok(())
@@ -172,6 +249,7 @@ impl Cells {
         spec: &Cell,
         limits: &Limits,
         parent_ns: Option<Arc<NsSet>>,
+        mut ns_holders: Vec<ProcId>,
     ) -> Result<CellEntry, CellsError> {
         let t0 = std::time::Instant::now();
         let backend = self.backend.clone();
@@ -194,6 +272,7 @@ impl Cells {
             match spawn::spawn_holder(hs).await {
                 Ok(h) => {
                     ns = Some(h.ns.clone());
+                    ns_holders.push(h.pid);
                     holder = Some(h);
                 }
                 Err(e) => {
@@ -211,65 +290,122 @@ impl Cells {
             spec: Cell::default(),
             ns,
             holder: Mutex::new(holder),
+            ns_holders,
             execs: ExecTable::default(),
             procs_files,
         })
     }
 
-    pub async fn start(
-        &self,
-        context: Context,
-        name: String,
-        command: String,
-        uid: Option<u32>,
-        gid: Option<u32>,
-    ) -> Result<Started, CellsError> {
-        let (entry, label) = match &context {
-            Context::Host => (None, "the host context".to_owned()),
-            Context::Cell(c) => (Some(self.ready(c)?), format!("cell {c}")),
-        };
-        let table = entry.as_ref().map_or(&self.host, |e| &e.execs);
-        table.reserve(&name, &label)?;
-        let spec = ExecSpec {
-            command,
-            procs_files: entry
-                .as_ref()
-                .map(|e| e.procs_files.clone())
-                .unwrap_or_default(),
-            ns: entry.as_ref().and_then(|e| e.ns.clone()),
-            uid,
-            gid,
-        };
-        let child = match spawn::spawn_executable(spec).await {
-            Ok(c) => c,
-            Err(e) => {
-                table.unreserve(&name);
-                return Err(e.into());
+    pub async fn start(&self, context: Context, spec: StartSpec) -> Result<Started, CellsError> {
+        let entry = match &context {
+            Context::Host => None,
+            Context::Cell(c) => {
+                let e = self.ready(c)?;
+                if let Some(h) = e.dead_holder() {
+                    return Err(CellsError::Precondition(format!(
+                        "cell {c} cannot start executables: the holder of its namespaces (pid {}) is gone; free the cell",
+                        h.pid
+                    )));
+                }
+                Some(e)
             }
         };
-        let exe = match Executable::watch(name.clone(), child, &self.outputs, label.clone()) {
-            Ok(x) => x,
+        let label = context.label();
+        let table = entry.as_ref().map_or(&self.host, |e| &e.execs);
+        let name = spec.name;
+        table.reserve(&name, &label)?;
+        let result = self.spawn(&context, entry.as_ref(), &name, spec.command, spec.description, spec.uid, spec.gid).await;
+        let exe = match result {
+            Ok(exe) => exe,
             Err(e) => {
                 table.unreserve(&name);
                 return Err(e);
             }
         };
         let pid = exe.pid;
+        let (uid, gid) = (exe.record.uid, exe.record.gid);
+        self.outputs.insert(
+            pid,
+            OutputSource {
+                dir: exe.dir.clone(),
+                shim: exe.record.shim,
+            },
+        );
         if !table.fill(exe.clone()) {
             // Free closed the cell while we were starting: undo.
             let _ = exe.stop(Duration::ZERO).await;
-            self.outputs.remove(pid);
+            self.forget(&exe);
             table.remove(&name);
             return Err(CellsError::Precondition(format!("{label} is being freed")));
         }
+        tracing::info!("started executable {name:?} in {label}: pid {pid}");
+        Ok(Started { pid, uid, gid })
+    }
+
+    /// Starts the shim and the executable, and records them.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn(
+        &self,
+        context: &Context,
+        entry: Option<&Arc<CellEntry>>,
+        name: &str,
+        command: String,
+        description: String,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<Arc<Executable>, CellsError> {
+        let (id, dir) = self
+            .store
+            .new_exec_dir()
+            .map_err(|e| CellsError::Internal(format!("cannot make the executable's directory: {e}")))?;
+        let spec = ShimSpec {
+            dir: dir.clone(),
+            command: command.clone(),
+            procs_files: entry.map(|e| e.procs_files.clone()).unwrap_or_default(),
+            ns: entry.and_then(|e| e.ns.clone()),
+            uid,
+            gid,
+            output_cap: self.output_cap,
+        };
+        let spawned = match shim::spawn(spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.store.remove_exec(&id);
+                return Err(e.into());
+            }
+        };
         // SAFETY: getuid/getgid cannot fail.
         let (my_uid, my_gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        tracing::info!("started executable {name:?} in {label}: pid {pid}");
-        Ok(Started {
-            pid,
+        let record = ExecRecord {
+            id,
+            name: name.to_owned(),
+            cell: match context {
+                Context::Host => None,
+                Context::Cell(c) => Some(c.to_string()),
+            },
+            command,
+            description,
             uid: uid.unwrap_or(my_uid),
             gid: gid.unwrap_or(my_gid),
-        })
+            shim: spawned.shim,
+            pid: spawned.pid,
+            started_at: crate::logging::now_nanos(),
+        };
+        let exe = Executable::watch(record, dir, context.label());
+        if let Err(e) = self.store.write_exec(&exe.record) {
+            let _ = exe.stop(Duration::ZERO).await;
+            self.store.remove_exec(&exe.record.id);
+            return Err(CellsError::Internal(format!(
+                "cannot record executable {name:?}: {e}"
+            )));
+        }
+        Ok(exe)
+    }
+
+    /// Drops a stopped executable's output and record.
+    pub(super) fn forget(&self, exe: &Executable) {
+        self.outputs.remove(exe.pid);
+        self.store.remove_exec(&exe.record.id);
     }
 
     pub async fn stop(&self, context: Context, name: &str) -> Result<(), CellsError> {
@@ -278,59 +414,80 @@ impl Cells {
             Context::Cell(c) => Some(self.ready(c)?),
         };
         let table = entry.as_ref().map_or(&self.host, |e| &e.execs);
-        let where_ = match &context {
-            Context::Host => "the host context".to_owned(),
-            Context::Cell(c) => format!("cell {c}"),
-        };
         let exe = table.get(name).ok_or_else(|| {
-            CellsError::NotFound(format!("executable {name:?} not found in {where_}"))
+            CellsError::NotFound(format!(
+                "executable {name:?} not found in {}",
+                context.label()
+            ))
         })?;
-        self.stop_one(&exe).await?;
+        let exit = exe.stop(self.stop_grace).await?;
+        tracing::info!(
+            "stopped executable {:?} (pid {}): {exit}",
+            exe.name,
+            exe.pid
+        );
+        self.forget(&exe);
         table.remove(name);
         Ok(())
     }
 
-    async fn stop_one(&self, exe: &Executable) -> Result<(), CellsError> {
-        let info = exe.stop(self.stop_grace).await?;
-        tracing::info!(
-            "stopped executable {:?} (pid {}): {}",
-            exe.name,
-            exe.pid,
-            info.status
-        );
-        self.outputs.remove(exe.pid);
-        Ok(())
+    /// The executables of the host context.
+    pub fn host_executables(&self) -> Vec<ExecutableStatus> {
+        self.host.all().iter().map(|e| e.status()).collect()
     }
 
     /// The cell forest, sorted by name.
     pub fn list(&self) -> Vec<CellGraphNode> {
-        let cells: Vec<Arc<CellEntry>> = self
+        let cells: Vec<(Arc<CellEntry>, bool)> = self
             .table()
             .values()
             .filter_map(|s| match s {
-                Slot::Ready(e) | Slot::Freeing(e) => Some(e.clone()),
+                Slot::Ready(e) => Some((e.clone(), false)),
+                Slot::Freeing(e) => Some((e.clone(), true)),
                 Slot::Allocating => None,
             })
             .collect();
-        let mut children: HashMap<Option<CellName>, Vec<&Arc<CellEntry>>> = HashMap::new();
+        let mut children: HashMap<Option<CellName>, Vec<&(Arc<CellEntry>, bool)>> =
+            HashMap::new();
         for c in &cells {
-            children.entry(c.name.parent()).or_default().push(c);
+            children.entry(c.0.name.parent()).or_default().push(c);
         }
         fn build(
             of: Option<CellName>,
-            children: &HashMap<Option<CellName>, Vec<&Arc<CellEntry>>>,
+            children: &HashMap<Option<CellName>, Vec<&(Arc<CellEntry>, bool)>>,
         ) -> Vec<CellGraphNode> {
-            let mut v: Vec<&Arc<CellEntry>> = children.get(&of).cloned().unwrap_or_default();
-            v.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut v = children.get(&of).cloned().unwrap_or_default();
+            v.sort_by(|a, b| a.0.name.cmp(&b.0.name));
             v.into_iter()
-                .map(|c| CellGraphNode {
+                .map(|(c, freeing)| CellGraphNode {
                     cell: Some(c.spec.clone()),
                     children: build(Some(c.name.clone()), children),
-                    executables: Vec::new(),
-                    status: String::new(),
+                    executables: c.execs.all().iter().map(|e| e.status()).collect(),
+                    status: if *freeing {
+                        "freeing"
+                    } else if c.dead_holder().is_some() {
+                        "holder-dead"
+                    } else {
+                        "ready"
+                    }
+                    .to_owned(),
                 })
                 .collect()
         }
         build(None, &children)
+    }
+
+    /// Puts a re-adopted cell in the table (see `adopt.rs`).
+    pub(super) fn insert_adopted(&self, entry: CellEntry) -> Arc<CellEntry> {
+        let e = Arc::new(entry);
+        self.table().insert(e.name.clone(), Slot::Ready(e.clone()));
+        e
+    }
+
+    pub(super) fn get_ready(&self, name: &CellName) -> Option<Arc<CellEntry>> {
+        match self.table().get(name) {
+            Some(Slot::Ready(e)) => Some(e.clone()),
+            _ => None,
+        }
     }
 }

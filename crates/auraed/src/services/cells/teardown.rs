@@ -1,5 +1,5 @@
 //! Tearing cells down: Free (graceful stop, holders, cgroup kill, rmdir
-//! bottom-up), daemon shutdown, and cells left by a daemon that was killed.
+//! bottom-up) and daemon shutdown.
 
 use std::sync::Arc;
 
@@ -7,44 +7,12 @@ use tokio::task::JoinSet;
 
 use super::{
     state::{CellEntry, Cells, Slot, HOLDER_WAIT, REMOVE_TIMEOUT},
+    OnExit,
     validation::CellName,
     CellsError,
 };
 
 impl Cells {
-    /// Kills and removes cells that an earlier run of the daemon left
-    /// behind (it was killed before it could clean up): they live in our
-    /// own subtree, and a new Allocate of the same name would fail on them.
-    pub async fn reclaim_leftovers(&self) {
-        let backend = self.backend.clone();
-        let reclaimed = tokio::task::spawn_blocking(move || {
-            let cells = backend.leftover_cells();
-            for top in cells.iter().filter(|c| c.len() == 1) {
-                let path: Vec<&str> = top.iter().map(String::as_str).collect();
-                if let Err(e) = backend.kill_all(&path) {
-                    tracing::warn!(
-                        "cannot kill the processes of leftover cell {}: {e}",
-                        top.join("/")
-                    );
-                }
-            }
-            let mut removed = 0;
-            for cell in cells.iter().rev() {
-                let path: Vec<&str> = cell.iter().map(String::as_str).collect();
-                match backend.remove(&path, REMOVE_TIMEOUT) {
-                    Ok(()) => removed += 1,
-                    Err(e) => tracing::warn!("cannot remove leftover cell {}: {e}", cell.join("/")),
-                }
-            }
-            removed
-        })
-        .await
-        .unwrap_or(0);
-        if reclaimed > 0 {
-            tracing::warn!("removed {reclaimed} cells left behind by an earlier run of auraed");
-        }
-    }
-
     /// Stops every executable of the cell and its descendants, then tears
     /// down holders and cgroups bottom-up.
     pub async fn free(&self, name: &CellName) -> Result<(), CellsError> {
@@ -108,7 +76,7 @@ impl Cells {
         }
     }
 
-    async fn teardown(
+    pub(super) async fn teardown(
         &self,
         name: &CellName,
         entries: &[Arc<CellEntry>],
@@ -124,18 +92,17 @@ impl Cells {
         }
         while let Some(r) = stops.join_next().await {
             match r {
-                Ok((Ok(info), exe)) => {
+                Ok((Ok(exit), exe)) => {
                     tracing::info!(
-                        "stopped executable {:?} (pid {}): {}",
+                        "stopped executable {:?} (pid {}): {exit}",
                         exe.name,
                         exe.pid,
-                        info.status
                     );
-                    self.outputs.remove(exe.pid);
+                    self.forget(&exe);
                 }
                 Ok((Err(e), exe)) => {
                     tracing::warn!("{e}; the cgroup kill follows");
-                    self.outputs.remove(exe.pid);
+                    self.forget(&exe);
                 }
                 Err(e) => tracing::error!("stop task failed: {e}"),
             }
@@ -143,13 +110,10 @@ impl Cells {
         // 2. Holders (deepest first): SIGKILL ends their pid namespaces.
         for e in entries {
             let holder = e.holder.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(mut h) = holder {
-                let _ = h.child.start_kill();
-                if tokio::time::timeout(HOLDER_WAIT, h.child.wait())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("holder of cell {} (pid {}) did not exit", e.name, h.pid);
+            if let Some(h) = holder {
+                let pid = h.pid.pid;
+                if !h.kill(HOLDER_WAIT).await {
+                    tracing::warn!("holder of cell {} (pid {pid}) did not exit", e.name);
                 }
             }
         }
@@ -169,6 +133,7 @@ impl Cells {
             if let Err(err) = self.remove_cgroup(&e.name).await {
                 return Err((err, removed));
             }
+            self.store.remove_cell(e.name.as_str());
             removed.push(e.name.clone());
         }
         tracing::debug!(
@@ -188,8 +153,27 @@ impl Cells {
             .map_err(Into::into)
     }
 
-    /// Daemon shutdown: stop everything and free every cell, concurrently.
-    pub async fn shutdown(self: &Arc<Self>) {
+    /// Daemon shutdown. With [`OnExit::Keep`] everything is left running
+    /// (recorded on disk) for the next start to re-adopt; with
+    /// [`OnExit::Free`] every executable is stopped and every cell freed,
+    /// concurrently.
+    pub async fn shutdown(self: &Arc<Self>, policy: OnExit) {
+        if policy == OnExit::Keep {
+            let cells = self.table().len();
+            let execs = self.host.all().len()
+                + self
+                    .table()
+                    .values()
+                    .map(|s| match s {
+                        Slot::Ready(e) | Slot::Freeing(e) => e.execs.all().len(),
+                        Slot::Allocating => 0,
+                    })
+                    .sum::<usize>();
+            tracing::info!(
+                "leaving {cells} cells and {execs} executables running for the next start (--on-exit keep)"
+            );
+            return;
+        }
         let roots: Vec<CellName> = self
             .table()
             .keys()
@@ -198,9 +182,10 @@ impl Cells {
             .collect();
         let mut set = JoinSet::new();
         for exe in self.host.close() {
-            let grace = self.stop_grace;
+            let cells = self.clone();
             set.spawn(async move {
-                let _ = exe.stop(grace).await;
+                let _ = exe.stop(cells.stop_grace).await;
+                cells.forget(&exe);
             });
         }
         for r in roots {

@@ -1,12 +1,12 @@
 //! `aurae.observe.v0.ObserveService`: three server streams.
 //!
 //! Each stream is a spawned producer feeding a bounded mpsc channel (tonic's
-//! streaming example). The producer reads from a fan-out that never waits
-//! for it (the daemon's `LogBus`, an executable's `OutputStream`, the eBPF
-//! `SignalObserver`), so a slow client can only lose its own lines, never
-//! slow the daemon or a child's pipe. A failed send, or the receiver being
-//! dropped, means the client is gone: the producer stops. All producers stop
-//! when the daemon shuts down.
+//! streaming example). The producer reads from a source that never waits
+//! for it (the daemon's `LogBus`, an executable's output files written by
+//! its shim, the eBPF `SignalObserver`), so a slow client can only lose its
+//! own lines, never slow the daemon or a child's pipe. A failed send, or the
+//! receiver being dropped, means the client is gone: the producer stops. All
+//! producers stop when the daemon shuts down.
 
 mod logs;
 mod signals;
@@ -24,7 +24,12 @@ use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::cells::{output::Channel, validation::CellName, validation::Invalid, Cells};
+use super::cells::{
+    output::{Channel, OutputReader},
+    validation::CellName,
+    validation::Invalid,
+    Cells,
+};
 use crate::{host::ebpf::SignalObserver, logging::LogBus};
 
 /// Items buffered between a producer and tonic, per stream.
@@ -226,18 +231,31 @@ impl ObserveService for ObserveServiceImpl {
             })
             .into());
         }
-        let output = self.cells.outputs().get(r.process_id).ok_or_else(|| {
+        let not_found = || {
             ObserveError::NotFound(format!(
                 "no executable with pid {} (never started by this daemon, or stopped)",
                 r.process_id
             ))
+        };
+        let source = self.cells.outputs().get(r.process_id).ok_or_else(not_found)?;
+        // Opened before returning: the stream starts at the oldest line kept
+        // when it was asked for.
+        let reader = OutputReader::open(&source, channel).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // Removed meanwhile (Stop, Free).
+                not_found()
+            } else {
+                ObserveError::Unavailable(format!(
+                    "cannot read the output of pid {} in {}: {e}",
+                    r.process_id,
+                    source.dir.display()
+                ))
+            }
         })?;
-        let stream = output.channel(channel).clone();
-        let sub = stream.subscribe();
         Ok(Response::new(spawn_stream(
             &self.shutdown,
             &self.streams,
-            |tx| subprocess::produce(stream, sub, channel, tx),
+            |tx| subprocess::produce(reader, channel, tx),
         )?))
     }
 

@@ -1,129 +1,141 @@
 //! GetSubProcessStream: an executable's kept lines, then live lines, until
-//! the process closes its end of the pipe.
-
-use std::sync::Arc;
+//! the channel is closed (or the executable's directory is removed, or its
+//! shim died).
+//!
+//! The shim writes the output to files (`host::shim::format`); the reader
+//! (`cells::output::OutputReader`) follows them, so a slow client only
+//! falls behind in the files, never slows the executable or the daemon: if
+//! it falls behind by more than is kept, it is told how many lines it
+//! missed, in the stream itself.
 
 use aurae_proto::observe::{GetSubProcessStreamResponse, LogItem};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::{
     logging::now_nanos,
-    services::cells::output::{Channel, Event, Line, OutputStream, Subscription},
+    services::cells::output::{Channel, OutputReader, ReadEvent},
 };
-
-/// Lines copied from the backlog per lock, when catching up.
-const CATCH_UP_BATCH: usize = 1024;
 
 type Tx = mpsc::Sender<Result<GetSubProcessStreamResponse, Status>>;
 
-/// Delivers lines in order, each once, tracking the next expected seq.
-struct Cursor {
-    channel: Channel,
-    next: u64,
-    tx: Tx,
+/// The line sent in place of `n` lines that were rotated away.
+pub(super) fn lost_note(n: u64, channel: Channel) -> String {
+    format!(
+        "auraed: {n} {} lines were rotated away before this reader got to them \
+         (kept per channel: see --output-cap)",
+        channel.as_str()
+    )
 }
 
-/// The client went away.
-struct Gone;
-
-impl Cursor {
-    async fn send(&self, line: String, timestamp: i64) -> Result<(), Gone> {
+/// Sends the lines `reader` returns, one per message, until the end of the
+/// channel, an error, or the client going away (a failed send).
+pub(super) async fn produce(mut reader: OutputReader, channel: Channel, tx: Tx) {
+    let send = |line: String, timestamp: i64| {
         let item = LogItem {
-            channel: self.channel.as_str().into(),
+            channel: channel.as_str().into(),
             line,
             timestamp,
         };
-        self.tx
-            .send(Ok(GetSubProcessStreamResponse { item: Some(item) }))
-            .await
-            .map_err(|_| Gone)
-    }
-
-    async fn line(&mut self, l: &Line) -> Result<(), Gone> {
-        self.send(l.text.to_string(), l.timestamp).await?;
-        self.next = l.seq + 1;
-        Ok(())
-    }
-
-    /// Reads from the backlog from `next` on until caught up. Returns true
-    /// when the stream is closed and everything was delivered.
-    async fn catch_up(&mut self, stream: &OutputStream) -> Result<bool, Gone> {
-        loop {
-            let r = stream.read_from(self.next, CATCH_UP_BATCH);
-            if r.lost > 0 {
-                // The reader was slower than the backlog is long: say so
-                // in the stream itself, in place of the lost lines.
-                let note = format!(
-                    "auraed: this stream fell behind; {} {} lines were dropped",
-                    r.lost,
-                    self.channel.as_str()
-                );
-                self.send(note, now_nanos()).await?;
+        tx.send(Ok(GetSubProcessStreamResponse { item: Some(item) }))
+    };
+    loop {
+        let event = match reader.next().await {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = format!("reading the {} of the executable: {e}", channel.as_str());
+                tracing::warn!("GetSubProcessStream: {msg}");
+                let _ = tx.send(Err(Status::internal(msg))).await;
+                return;
             }
-            self.next = r.next_seq;
-            let done = r.lines.is_empty();
-            for l in &r.lines {
-                self.line(l).await?;
+        };
+        match event {
+            ReadEvent::Lines(lines) => {
+                for l in lines {
+                    if send(l.text, l.timestamp).await.is_err() {
+                        return;
+                    }
+                }
             }
-            if r.closed {
-                return Ok(true);
+            ReadEvent::Lost(n) => {
+                if send(lost_note(n, channel), now_nanos()).await.is_err() {
+                    return;
+                }
             }
-            if done {
-                return Ok(false);
-            }
+            ReadEvent::End => return,
         }
     }
 }
 
-/// The output pipe is drained by its own task into a bounded backlog and a
-/// broadcast (`cells::output`); this follows the broadcast and, when it lags
-/// (the client reads slower than the process writes), resumes from the
-/// backlog by seq, so nothing kept is lost and nothing is sent twice.
-pub(super) async fn produce(
-    stream: Arc<OutputStream>,
-    sub: Subscription,
-    channel: Channel,
-    tx: Tx,
-) {
-    let Subscription {
-        backlog,
-        closed,
-        mut live,
-        next_seq,
-    } = sub;
-    let mut cursor = Cursor {
-        channel,
-        next: next_seq,
-        tx,
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, time::Duration};
+
+    use super::*;
+    use crate::{
+        host::{proc::ProcId, shim::format},
+        services::cells::output::OutputSource,
     };
-    for l in &backlog {
-        if cursor.line(l).await.is_err() {
-            return;
+
+    fn write_lines(path: &std::path::Path, lines: std::ops::Range<i64>) {
+        let mut buf = Vec::new();
+        for i in lines {
+            format::encode_line(&mut buf, i, format!("line {i}").as_bytes());
         }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(&buf)
+            .unwrap();
     }
-    cursor.next = next_seq;
-    drop(backlog);
-    if closed {
-        return;
-    }
-    loop {
-        let step = match live.recv().await {
-            Ok(Event::Line(l)) if l.seq < cursor.next => Ok(false),
-            Ok(Event::Line(l)) if l.seq == cursor.next => cursor.line(&l).await.map(|()| false),
-            // A gap without Lagged cannot happen; handle it like Lagged.
-            Ok(Event::Line(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                cursor.catch_up(&stream).await
-            }
-            // End follows every line in the broadcast; after a catch-up the
-            // backlog says whether anything is still missing.
-            Ok(Event::End) | Err(broadcast::error::RecvError::Closed) => {
-                cursor.catch_up(&stream).await.map(|_| true)
-            }
+
+    #[tokio::test]
+    async fn lines_and_gaps_become_messages() {
+        let d = tempfile::tempdir().unwrap();
+        // Lines 0..3 were rotated away; 3..5 are kept, then the end.
+        write_lines(&d.path().join("stderr.3"), 3..5);
+        format::write_atomic(d.path(), "stderr.end", b"5").unwrap();
+        let src = OutputSource {
+            dir: d.path().to_owned(),
+            shim: ProcId::of(i32::try_from(std::process::id()).unwrap()).unwrap(),
         };
-        match step {
-            Ok(false) => {}
-            Ok(true) | Err(Gone) => return,
+        let reader = OutputReader::open(&src, Channel::Stderr).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        tokio::time::timeout(Duration::from_secs(10), produce(reader, Channel::Stderr, tx))
+            .await
+            .unwrap();
+        let mut items = Vec::new();
+        while let Some(m) = rx.recv().await {
+            items.push(m.unwrap().item.unwrap());
         }
+        assert_eq!(items.len(), 3);
+        assert!(items.iter().all(|i| i.channel == "stderr"));
+        assert_eq!(items[0].line, lost_note(3, Channel::Stderr));
+        assert!(items[0].line.starts_with("auraed: 3 stderr lines were rotated away"));
+        assert!(items[0].timestamp > 1_000_000_000_000_000_000);
+        assert_eq!((items[1].line.as_str(), items[1].timestamp), ("line 3", 3));
+        assert_eq!((items[2].line.as_str(), items[2].timestamp), ("line 4", 4));
+    }
+
+    #[tokio::test]
+    async fn stops_when_the_client_goes_away() {
+        let d = tempfile::tempdir().unwrap();
+        write_lines(&d.path().join("stdout.0"), 0..1000);
+        let src = OutputSource {
+            dir: d.path().to_owned(),
+            shim: ProcId::of(i32::try_from(std::process::id()).unwrap()).unwrap(),
+        };
+        let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(produce(reader, Channel::Stdout, tx));
+        let first = rx.recv().await.unwrap().unwrap().item.unwrap();
+        assert_eq!(first.line, "line 0");
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the producer did not stop")
+            .unwrap();
     }
 }

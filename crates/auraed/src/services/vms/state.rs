@@ -24,7 +24,7 @@ use super::{
 use crate::{
     host::hypervisor::{self, Accel, Hypervisor, LaunchSpec},
     init::{FW_CFG_CA, FW_CFG_SERVER_CRT, FW_CFG_SERVER_KEY},
-    services::cells::{validation::CellName, Cells, Context},
+    services::cells::{validation::CellName, Cells, Context, StartSpec},
 };
 
 /// The guest's auraed listens here (its init-mode default).
@@ -184,10 +184,13 @@ impl Vms {
             .cells
             .start(
                 Context::Cell(cell.clone()),
-                VMM_EXE.into(),
-                command,
-                None,
-                None,
+                StartSpec {
+                    name: VMM_EXE.into(),
+                    command,
+                    description: format!("VMM of VM {id}"),
+                    uid: None,
+                    gid: None,
+                },
             )
             .await
         {

@@ -1,0 +1,267 @@
+//! The forked child of the shim, from fork to exec: it joins the cell and
+//! becomes the executable. Everything it needs is prepared before the fork
+//! ([`Plan`]); after the fork it makes only async-signal-safe system calls
+//! and never allocates. A failing step writes `<errno> <step>` to the error
+//! pipe and exits 127; [`describe`] turns that into a message.
+
+use std::{
+    ffi::{CStr, CString},
+    io,
+    os::fd::RawFd,
+};
+
+/// The environment executables start with.
+const PATH_ENV: &CStr = c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const HOME_ENV: &CStr = c"HOME=/";
+const SH: &CStr = c"/bin/sh";
+
+/// Everything the child does, prepared before the fork.
+pub(super) struct Plan {
+    /// `cgroup.procs` files to write "0" to, first.
+    pub procs: Vec<RawFd>,
+    /// Namespaces to enter: (clone flag, fd).
+    pub setns: Vec<(libc::c_int, RawFd)>,
+    /// Flags to unshare after entering them.
+    pub unshare: libc::c_int,
+    /// (uid, gid) to switch to, last.
+    pub ids: Option<(u32, u32)>,
+    /// Becomes stdin.
+    pub devnull: RawFd,
+    /// Become stdout and stderr.
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// Write end of the error pipe (close-on-exec).
+    pub error: RawFd,
+    /// `sh -c COMMAND`; `argv` points into it (kept alive here).
+    _command: CString,
+    argv: [*const libc::c_char; 4],
+    envp: [*const libc::c_char; 3],
+}
+
+impl Plan {
+    /// Fails if the command holds a NUL byte.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        command: &[u8],
+        procs: Vec<RawFd>,
+        setns: Vec<(libc::c_int, RawFd)>,
+        unshare: libc::c_int,
+        ids: Option<(u32, u32)>,
+        devnull: RawFd,
+        stdout: RawFd,
+        stderr: RawFd,
+        error: RawFd,
+    ) -> Result<Self, String> {
+        let command = CString::new(command).map_err(|_| "the command holds a NUL byte")?;
+        Ok(Self {
+            procs,
+            setns,
+            unshare,
+            ids,
+            devnull,
+            stdout,
+            stderr,
+            error,
+            // The CString's bytes live on the heap: moving it (into Self)
+            // does not move them, so the pointer stays valid.
+            argv: [
+                c"sh".as_ptr(),
+                c"-c".as_ptr(),
+                command.as_ptr(),
+                std::ptr::null(),
+            ],
+            envp: [PATH_ENV.as_ptr(), HOME_ENV.as_ptr(), std::ptr::null()],
+            _command: command,
+        })
+    }
+
+    /// Runs in the forked child: set up, then exec. Never returns.
+    ///
+    /// Order matters (as in `ChildSetup::apply`): join the cgroups first (as
+    /// root, before any namespace change), enter the cell's namespaces, make
+    /// new ones, drop privileges last.
+    pub fn exec(&self) -> ! {
+        for (i, &fd) in self.procs.iter().enumerate() {
+            // SAFETY: fd is an open cgroup.procs file; "0" means "me".
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                self.fail(b"join cgroup (cgroup.procs #", Some(i as u64), b")");
+            }
+        }
+        for &(flag, fd) in &self.setns {
+            // SAFETY: fd is an open namespace file of kind `flag`.
+            if unsafe { libc::setns(fd, flag) } != 0 {
+                self.fail(ns_step(flag), None, b"");
+            }
+        }
+        // SAFETY: plain system call in a single-threaded child.
+        if self.unshare != 0 && unsafe { libc::unshare(self.unshare) } != 0 {
+            self.fail(b"unshare(", Some(self.unshare as u64), b")");
+        }
+        if let Some((uid, gid)) = self.ids {
+            // SAFETY: plain system call; the group list is emptied so no
+            // supplementary group of the daemon leaks into the workload.
+            if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+                self.fail(b"setgroups(0)", None, b"");
+            }
+            // SAFETY: plain system call.
+            if unsafe { libc::setgid(gid) } != 0 {
+                self.fail(b"setgid(", Some(gid.into()), b")");
+            }
+            // SAFETY: plain system call.
+            if unsafe { libc::setuid(uid) } != 0 {
+                self.fail(b"setuid(", Some(uid.into()), b")");
+            }
+        }
+        // The executable leads its own process group: Stop signals it.
+        // SAFETY: plain system call on ourselves.
+        if unsafe { libc::setpgid(0, 0) } != 0 {
+            self.fail(b"setpgid", None, b"");
+        }
+        for (from, to) in [(self.devnull, 0), (self.stdout, 1), (self.stderr, 2)] {
+            // SAFETY: both are fds of this process; the shim keeps 0, 1 and
+            // 2 open, so `from` (opened later) is never one of them.
+            if unsafe { libc::dup2(from, to) } < 0 {
+                self.fail(b"dup2", None, b"");
+            }
+        }
+        // SAFETY: a constant C string.
+        if unsafe { libc::chdir(c"/".as_ptr()) } != 0 {
+            self.fail(b"chdir(/)", None, b"");
+        }
+        // The shim ignores some signals and blocks others; both would be
+        // inherited through exec.
+        // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask; setting
+        // a signal the C library reserves fails harmlessly.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                }
+            }
+        }
+        // SAFETY: an emptied sigset_t is valid.
+        let r = unsafe {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut())
+        };
+        if r != 0 {
+            self.fail(b"sigprocmask", None, b"");
+        }
+        // SAFETY: NUL-terminated arrays of valid C strings, kept alive by
+        // `self` (and statics).
+        unsafe { libc::execve(SH.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        self.fail(b"execve(/bin/sh)", None, b"")
+    }
+
+    /// Reports `errno` and the failed step on the error pipe; exits 127.
+    fn fail(&self, step: &[u8], arg: Option<u64>, tail: &[u8]) -> ! {
+        // Os errors carry no allocation.
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut msg = Msg::default();
+        msg.num(errno.unsigned_abs().into());
+        msg.push(b" ");
+        msg.push(step);
+        if let Some(arg) = arg {
+            msg.num(arg);
+        }
+        msg.push(tail);
+        // SAFETY: writing our own buffer to an fd of ours, then exiting
+        // without running any destructor or atexit handler.
+        unsafe {
+            libc::write(self.error, msg.buf.as_ptr().cast(), msg.len);
+            libc::_exit(127)
+        }
+    }
+}
+
+fn ns_step(flag: libc::c_int) -> &'static [u8] {
+    match flag {
+        libc::CLONE_NEWNS => b"setns(mnt)",
+        libc::CLONE_NEWUTS => b"setns(uts)",
+        libc::CLONE_NEWIPC => b"setns(ipc)",
+        libc::CLONE_NEWNET => b"setns(net)",
+        libc::CLONE_NEWPID => b"setns(pid)",
+        libc::CLONE_NEWCGROUP => b"setns(cgroup)",
+        libc::CLONE_NEWUSER => b"setns(user)",
+        _ => b"setns",
+    }
+}
+
+/// A message built on the stack.
+struct Msg {
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl Default for Msg {
+    fn default() -> Self {
+        Self {
+            buf: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl Msg {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn num(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+/// What the child wrote on the error pipe, as a message:
+/// `setuid(4294967295): Invalid argument (os error 22)`.
+pub(super) fn describe(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    match text.split_once(' ') {
+        Some((errno, step)) => match errno.parse::<i32>() {
+            Ok(e) => format!("{step}: {}", io::Error::from_raw_os_error(e)),
+            Err(_) => text.into_owned(),
+        },
+        None => text.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages() {
+        let mut m = Msg::default();
+        m.num(22);
+        m.push(b" setuid(");
+        m.num(u64::from(u32::MAX));
+        m.push(b")");
+        assert_eq!(&m.buf[..m.len], b"22 setuid(4294967295)");
+        assert!(describe(&m.buf[..m.len]).starts_with("setuid(4294967295): Invalid argument"));
+        let mut z = Msg::default();
+        z.num(0);
+        assert_eq!(&z.buf[..z.len], b"0");
+        let mut long = Msg::default();
+        long.push(&[b'x'; 300]);
+        assert_eq!(long.len, 128);
+        assert_eq!(describe(b"junk"), "junk");
+    }
+}

@@ -1,0 +1,379 @@
+//! The cells' state on disk, so that a new run of the daemon can re-adopt
+//! what the last one left running (after a crash, `kill -9` or an upgrade).
+//!
+//! ```text
+//! <runtime-dir>/state/
+//!   cells/<a.b.c>.json     one CellRecord per cell ('/' in the name → '.')
+//!   execs/<id>/            one directory per executable (see host::shim::format):
+//!     record.json          its ExecRecord (written here), exit.json and
+//!                          output (written by its shim)
+//! ```
+//!
+//! The runtime directory is the right home: what it describes (processes,
+//! cgroups, namespaces) does not survive a reboot either. Every record is
+//! written whole (temp file, fsync, rename). A record that cannot be read
+//! is reported and its workload cleaned, never guessed at.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aurae_proto::cells::{Cell, CpuController, CpusetController, MemoryController};
+use serde::{Deserialize, Serialize};
+
+use crate::host::{proc::ProcId, shim::format};
+
+/// A cell as allocated: its spec and the holder of its namespaces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellRecord {
+    pub name: String,
+    pub spec: CellSpec,
+    /// The holder (PID 1 of its pid namespace, or keeper of its network
+    /// namespace), if the cell isolates.
+    pub holder: Option<HolderRecord>,
+    /// Nanoseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderRecord {
+    pub pid: ProcId,
+    /// For a nested pid namespace: the intermediate process whose child
+    /// the holder is (see `host::spawn::spawn_nested_holder`).
+    pub intermediate: Option<ProcId>,
+}
+
+/// The fields of an aurae `Cell`, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellSpec {
+    pub cpu_weight: Option<u64>,
+    pub cpu_max: Option<i64>,
+    pub cpu_period: Option<u64>,
+    pub cpus: Option<String>,
+    pub mems: Option<String>,
+    pub mem_min: Option<i64>,
+    pub mem_low: Option<i64>,
+    pub mem_high: Option<i64>,
+    pub mem_max: Option<i64>,
+    pub isolate_process: bool,
+    pub isolate_network: bool,
+}
+
+impl CellSpec {
+    pub fn of(c: &Cell) -> Self {
+        let cpu = c.cpu.clone().unwrap_or_default();
+        let cpuset = c.cpuset.clone().unwrap_or_default();
+        let mem = c.memory.clone().unwrap_or_default();
+        Self {
+            cpu_weight: cpu.weight,
+            cpu_max: cpu.max,
+            cpu_period: cpu.period,
+            cpus: cpuset.cpus,
+            mems: cpuset.mems,
+            mem_min: mem.min,
+            mem_low: mem.low,
+            mem_high: mem.high,
+            mem_max: mem.max,
+            isolate_process: c.isolate_process,
+            isolate_network: c.isolate_network,
+        }
+    }
+
+    pub fn to_cell(&self, name: &str) -> Cell {
+        let cpu = CpuController {
+            weight: self.cpu_weight,
+            max: self.cpu_max,
+            period: self.cpu_period,
+        };
+        let cpuset = CpusetController {
+            cpus: self.cpus.clone(),
+            mems: self.mems.clone(),
+        };
+        let memory = MemoryController {
+            min: self.mem_min,
+            low: self.mem_low,
+            high: self.mem_high,
+            max: self.mem_max,
+        };
+        Cell {
+            name: name.to_owned(),
+            cpu: (cpu != CpuController::default()).then_some(cpu),
+            cpuset: (cpuset != CpusetController::default()).then_some(cpuset),
+            memory: (memory != MemoryController::default()).then_some(memory),
+            isolate_process: self.isolate_process,
+            isolate_network: self.isolate_network,
+        }
+    }
+}
+
+/// An executable: what was asked, and the processes that run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    pub id: String,
+    pub name: String,
+    /// None: the host context.
+    pub cell: Option<String>,
+    pub command: String,
+    #[serde(default)]
+    pub description: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its supervisor (the parent of the executable; see host::shim).
+    pub shim: ProcId,
+    /// The executable (`sh -c`), by host pid.
+    pub pid: ProcId,
+    /// Nanoseconds since the Unix epoch.
+    pub started_at: i64,
+}
+
+/// The state directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    next_id: AtomicU64,
+}
+
+impl Store {
+    /// Opens (and creates) `<runtime-dir>/state`.
+    pub fn open(runtime_dir: &Path) -> io::Result<Self> {
+        let root = runtime_dir.join("state");
+        for d in [root.join("cells"), root.join("execs")] {
+            std::fs::create_dir_all(&d)?;
+        }
+        set_mode(&root, 0o700)?;
+        Ok(Self {
+            root,
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    fn cell_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("cells")
+            .join(format!("{}.json", name.replace('/', ".")))
+    }
+
+    pub fn write_cell(&self, r: &CellRecord) -> io::Result<()> {
+        let data = serde_json::to_vec_pretty(r).map_err(io::Error::other)?;
+        let path = self.cell_path(&r.name);
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        format::write_atomic(&dir, &file, &data)
+    }
+
+    pub fn remove_cell(&self, name: &str) {
+        remove_file(&self.cell_path(name));
+    }
+
+    /// A fresh directory for a new executable: unique within this state
+    /// directory, also across runs (the id starts with the time).
+    pub fn new_exec_dir(&self) -> io::Result<(String, PathBuf)> {
+        loop {
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{:x}-{n}", crate::logging::now_nanos());
+            let dir = self.root.join("execs").join(&id);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok((id, dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn exec_dir(&self, id: &str) -> PathBuf {
+        self.root.join("execs").join(id)
+    }
+
+    pub fn write_exec(&self, r: &ExecRecord) -> io::Result<()> {
+        let data = serde_json::to_vec_pretty(r).map_err(io::Error::other)?;
+        format::write_atomic(&self.exec_dir(&r.id), format::RECORD, &data)
+    }
+
+    /// Removes an executable's directory (record, exit status, output).
+    pub fn remove_exec(&self, id: &str) {
+        let dir = self.exec_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Every cell record, parents before children. Unreadable ones are
+    /// reported, removed and left out.
+    pub fn load_cells(&self) -> Vec<CellRecord> {
+        let mut out: Vec<CellRecord> = Vec::new();
+        for (path, _) in entries(&self.root.join("cells")) {
+            if path.extension().is_none_or(|e| e != "json") {
+                // A temp file of a write that was cut short.
+                remove_file(&path);
+                continue;
+            }
+            match format::read_json::<CellRecord>(&path) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "unreadable cell record {} ({e}): removed; its cgroups are reclaimed",
+                        path.display()
+                    );
+                    remove_file(&path);
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.name.matches('/').count(), &a.name).cmp(&(b.name.matches('/').count(), &b.name))
+        });
+        out
+    }
+
+    /// Every executable record. A directory without a readable record
+    /// (a write cut short, or a crash between starting an executable and
+    /// recording it) is reported and removed.
+    pub fn load_execs(&self) -> Vec<ExecRecord> {
+        let mut out = Vec::new();
+        for (dir, is_dir) in entries(&self.root.join("execs")) {
+            if !is_dir {
+                remove_file(&dir);
+                continue;
+            }
+            match format::read_json::<ExecRecord>(&dir.join(format::RECORD)) {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {
+                    tracing::warn!(
+                        "executable directory {} has no record (the daemon stopped while starting it): removed",
+                        dir.display()
+                    );
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "unreadable executable record in {} ({e}): removed",
+                        dir.display()
+                    );
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}
+
+fn entries(dir: &Path) -> Vec<(PathBuf, bool)> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_dir())))
+            .collect(),
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}", dir.display());
+            Vec::new()
+        }
+    }
+}
+
+fn remove_file(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell() -> Cell {
+        Cell {
+            name: "a/b".into(),
+            cpu: Some(CpuController {
+                weight: Some(100),
+                max: Some(50_000),
+                period: None,
+            }),
+            cpuset: None,
+            memory: Some(MemoryController {
+                max: Some(1 << 20),
+                ..Default::default()
+            }),
+            isolate_process: true,
+            isolate_network: false,
+        }
+    }
+
+    #[test]
+    fn cell_spec_round_trips() {
+        let c = cell();
+        assert_eq!(CellSpec::of(&c).to_cell("a/b"), c);
+        let bare = Cell {
+            name: "x".into(),
+            ..Default::default()
+        };
+        assert_eq!(CellSpec::of(&bare).to_cell("x"), bare);
+    }
+
+    #[test]
+    fn records_round_trip_and_torn_ones_are_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        let parent = CellRecord {
+            name: "a".into(),
+            spec: CellSpec::default(),
+            holder: Some(HolderRecord {
+                pid: me,
+                intermediate: None,
+            }),
+            created_at: 1,
+        };
+        let child = CellRecord {
+            name: "a/b".into(),
+            spec: CellSpec::of(&cell()),
+            holder: None,
+            created_at: 2,
+        };
+        s.write_cell(&child).unwrap();
+        s.write_cell(&parent).unwrap();
+        std::fs::write(d.path().join("state/cells/torn.json"), b"{\"name\":").unwrap();
+        assert_eq!(s.load_cells(), vec![parent, child]);
+        assert!(!d.path().join("state/cells/torn.json").exists());
+
+        let (id, dir) = s.new_exec_dir().unwrap();
+        let (id2, _) = s.new_exec_dir().unwrap();
+        assert_ne!(id, id2);
+        let r = ExecRecord {
+            id: id.clone(),
+            name: "x".into(),
+            cell: Some("a".into()),
+            command: "true".into(),
+            description: String::new(),
+            uid: 0,
+            gid: 0,
+            shim: me,
+            pid: me,
+            started_at: 3,
+        };
+        s.write_exec(&r).unwrap();
+        assert!(dir.join(format::RECORD).exists());
+        // id2 has no record: removed at load.
+        assert_eq!(s.load_execs(), vec![r]);
+        assert!(!s.exec_dir(&id2).exists());
+        s.remove_exec(&id);
+        s.remove_cell("a/b");
+        assert!(s.load_execs().is_empty());
+        assert_eq!(s.load_cells().len(), 1);
+    }
+}
