@@ -64,9 +64,9 @@ pub async fn run(
     );
     let store = services::cells::persist::Store::open(&config.runtime_dir).map_err(|e| {
         DaemonError::State {
-        path: config.runtime_dir.join("state"),
-        source: e,
-    }
+            path: config.runtime_dir.join("state"),
+            source: e,
+        }
     })?;
     let cells = Arc::new(services::cells::Cells::new(
         cgroups,

@@ -33,12 +33,7 @@ const KEEP: &[&str] = &["--on-exit", "keep", "--stop-grace-secs", "2"];
 
 /// name → status of every executable, cells as `cell/exe`, host ones as
 /// `/exe`; plus cell name → status.
-async fn snapshot(
-    c: &Client,
-) -> (
-    BTreeMap<String, ExecutableStatus>,
-    BTreeMap<String, String>,
-) {
+async fn snapshot(c: &Client) -> (BTreeMap<String, ExecutableStatus>, BTreeMap<String, String>) {
     let r = c
         .cells()
         .list(CellServiceListRequest {})
@@ -186,8 +181,12 @@ async fn kill9_restart_readopts_every_kind_of_workload() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         execs = snapshot(&c).await.0;
-        if execs.get(&format!("{p}/exit7")).is_some_and(|e| e.state == "exited")
-            && execs.get(&format!("{p}/victim")).is_some_and(|e| e.state == "exited")
+        if execs
+            .get(&format!("{p}/exit7"))
+            .is_some_and(|e| e.state == "exited")
+            && execs
+                .get(&format!("{p}/victim"))
+                .is_some_and(|e| e.state == "exited")
         {
             break;
         }
@@ -198,7 +197,10 @@ async fn kill9_restart_readopts_every_kind_of_workload() {
     assert_eq!(cells.get(&i).map(String::as_str), Some("ready"));
     assert_eq!(cells.get(&n).map(String::as_str), Some("ready"));
     let e = &execs[&format!("{p}/exit7")];
-    assert_eq!((e.state.as_str(), e.exit_code, e.signal), ("exited", Some(7), None));
+    assert_eq!(
+        (e.state.as_str(), e.exit_code, e.signal),
+        ("exited", Some(7), None)
+    );
     assert_eq!(e.pid, exit7);
     let e = &execs[&format!("{p}/victim")];
     assert_eq!(
@@ -211,7 +213,9 @@ async fn kill9_restart_readopts_every_kind_of_workload() {
         (format!("{i}/sleeper"), sleeper),
         (format!("{n}/nested"), nested),
     ] {
-        let e = execs.get(&name).unwrap_or_else(|| panic!("{name} listed: {execs:?}"));
+        let e = execs
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} listed: {execs:?}"));
         assert_eq!((e.state.as_str(), e.pid), ("running", pid), "{name}");
     }
 
@@ -279,7 +283,10 @@ async fn sigterm_keeps_workloads_by_default_and_free_policy_leaves_nothing() {
     let host = start(&c, None, &unique("h"), "sleep 1000").await;
 
     d.restart(libc::SIGTERM, None).await;
-    assert!(!exited(pid) && !exited(host), "SIGTERM with keep leaves them");
+    assert!(
+        !exited(pid) && !exited(host),
+        "SIGTERM with keep leaves them"
+    );
     let c = d.client().await;
     let (execs, _) = snapshot(&c).await;
     assert_eq!(execs[&format!("{cell}/svc")].state, "running");
@@ -291,8 +298,11 @@ async fn sigterm_keeps_workloads_by_default_and_free_policy_leaves_nothing() {
 
     // The free policy: SIGTERM stops everything and leaves nothing behind.
     let holder_dirs = cgroup_dirs(&d, &cell);
-    d.restart(libc::SIGTERM, Some(&["--on-exit", "free", "--stop-grace-secs", "2"]))
-        .await;
+    d.restart(
+        libc::SIGTERM,
+        Some(&["--on-exit", "free", "--stop-grace-secs", "2"]),
+    )
+    .await;
     let c = d.client().await;
     assert_eq!(snapshot(&c).await.0.len(), 2, "still re-adopted");
     common::signal(d.pid(), libc::SIGTERM);
@@ -334,7 +344,11 @@ fn our_processes(d: &Daemon) -> usize {
     std::fs::read_dir("/proc")
         .map(|r| {
             r.flatten()
-                .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<i32>().is_ok()))
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.parse::<i32>().is_ok())
+                })
                 .filter(|e| {
                     std::fs::read_to_string(e.path().join("cgroup"))
                         .is_ok_and(|c| c.contains(d.cgroup_root.trim_start_matches('/')))
@@ -358,7 +372,13 @@ async fn ten_kill9_restart_cycles_leak_nothing() {
     let cell = unique("cycle");
     let c = d.client().await;
     allocate(&c, &cell, true).await;
-    let steady = start(&c, Some(&cell), "steady", "while true; do echo x; sleep 0.05; done").await;
+    let steady = start(
+        &c,
+        Some(&cell),
+        "steady",
+        "while true; do echo x; sleep 0.05; done",
+    )
+    .await;
     let mounts_before = mounts();
     let mut fds = Vec::new();
     for round in 0..10 {
@@ -366,10 +386,21 @@ async fn ten_kill9_restart_cycles_leak_nothing() {
         // A little load: one that exits, one that runs, one stopped.
         start(&c, Some(&cell), &format!("short{round}"), "echo done").await;
         start(&c, Some(&cell), &format!("long{round}"), "sleep 1000").await;
-        start(&c, None, &format!("host{round}-{}", std::process::id()), "true").await;
+        start(
+            &c,
+            None,
+            &format!("host{round}-{}", std::process::id()),
+            "true",
+        )
+        .await;
         if round > 0 {
             stop(&c, Some(&cell), &format!("long{}", round - 1)).await;
-            stop(&c, None, &format!("host{}-{}", round - 1, std::process::id())).await;
+            stop(
+                &c,
+                None,
+                &format!("host{}-{}", round - 1, std::process::id()),
+            )
+            .await;
         }
         fds.push(common::observe::fd_count(d.pid()));
         d.restart(libc::SIGKILL, None).await;
@@ -460,7 +491,9 @@ async fn finished_executables_keep_daemon_memory_flat() {
     }
     let (execs, _) = snapshot(&c).await;
     assert_eq!(execs.len(), total);
-    assert!(execs.values().all(|e| e.state == "exited" && e.exit_code == Some(0)));
+    assert!(execs
+        .values()
+        .all(|e| e.state == "exited" && e.exit_code == Some(0)));
     let stdout = read_output(&c, pids[500], LogChannelType::Stdout).await;
     assert_eq!(stdout.len(), 1024);
     assert!(stdout.iter().all(|l| l.len() == 1023));

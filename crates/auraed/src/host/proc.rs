@@ -84,7 +84,8 @@ impl ProcId {
 
     /// Sends `sig` to this very process; false if it is gone.
     pub fn signal(&self, sig: libc::c_int) -> bool {
-        self.open().is_some_and(|fd| pidfd_send_signal(&fd, sig).is_ok())
+        self.open()
+            .is_some_and(|fd| pidfd_send_signal(&fd, sig).is_ok())
     }
 }
 
@@ -163,7 +164,8 @@ mod tests {
 
     #[test]
     fn parses_names_with_parentheses() {
-        let s = parse_stat("42 (a) b) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0").unwrap();
+        let s = parse_stat("42 (a) b) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
+            .unwrap();
         assert_eq!(s.state, 'S');
         assert_eq!((s.ppid, s.pgrp, s.start), (1, 42, 12345));
     }

@@ -160,7 +160,10 @@ impl Daemon {
         if self.wait_exit(Duration::from_secs(30)).is_none() {
             signal(self.pid(), libc::SIGKILL);
             let _ = self.child.wait();
-            panic!("auraed did not exit after signal {sig}; log:\n{}", self.log());
+            panic!(
+                "auraed did not exit after signal {sig}; log:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -181,7 +184,9 @@ impl Daemon {
 
     /// Whether it was started with `--on-exit keep`.
     fn keeps(&self) -> bool {
-        self.extra.windows(2).any(|w| w[0] == "--on-exit" && w[1] == "keep")
+        self.extra
+            .windows(2)
+            .any(|w| w[0] == "--on-exit" && w[1] == "keep")
     }
 
     pub fn paths_in(dir: &Path) -> Paths {

@@ -90,7 +90,15 @@ impl std::fmt::Display for ExitRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.code, self.signal) {
             (Some(c), _) => write!(f, "exit status: {c}"),
-            (None, Some(s)) => write!(f, "signal: {s}{}", if self.core_dumped { " (core dumped)" } else { "" }),
+            (None, Some(s)) => write!(
+                f,
+                "signal: {s}{}",
+                if self.core_dumped {
+                    " (core dumped)"
+                } else {
+                    ""
+                }
+            ),
             (None, None) => write!(f, "unknown"),
         }
     }
@@ -199,6 +207,8 @@ mod tests {
         let fd: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
         write_atomic_at(&fd, "x", b"1").unwrap();
         assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"1");
-        assert!(read_json::<ExitRecord>(&d.path().join("none")).unwrap().is_none());
+        assert!(read_json::<ExitRecord>(&d.path().join("none"))
+            .unwrap()
+            .is_none());
     }
 }

@@ -1,6 +1,9 @@
-//! Starting processes in cells: joined to the cell's cgroups before exec
-//! (so memory is charged to the cell from the first page), in the cell's
-//! namespaces, always in a cgroup namespace of their own.
+//! Starting the holders of isolated cells, and the setup every process of
+//! a cell goes through before exec (`ChildSetup`: joined to the cell's
+//! cgroups first, so memory is charged to the cell from the first page,
+//! then the cell's namespaces, always a cgroup namespace of its own).
+//! Executables are started by their shim (`host::shim`), which applies the
+//! same steps in its child.
 //!
 //! How a process gets into a pid namespace: `setns(CLONE_NEWPID)` and
 //! `unshare(CLONE_NEWPID)` only change the namespace of the caller's future
@@ -12,7 +15,6 @@
 //! itself re-executed in holder mode (see [`holder`]), PID 1 of the cell's
 //! pid namespace, which only reaps orphans until it is killed.
 
-pub mod exit;
 pub mod holder;
 pub mod namespaces;
 pub mod reaper;
@@ -35,8 +37,6 @@ use crate::host::proc::{self, ProcId};
 
 /// argv[1] that makes `auraed` run as a cell's namespace holder.
 pub const HOLDER_ARG: &str = "__aurae_cell_holder__";
-/// The environment executables start with.
-const EXEC_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -278,66 +278,6 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
     Holder::new(pid, Some(inter))
 }
 
-/// What an executable runs in.
-#[derive(Debug)]
-pub struct ExecSpec {
-    pub command: String,
-    /// `cgroup.procs` files of the cell; empty for the host context.
-    pub procs_files: Vec<PathBuf>,
-    /// The cell's namespaces (None: the host's).
-    pub ns: Option<Arc<NsSet>>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-}
-
-/// Starts `sh -c COMMAND` with stdin from /dev/null and stdout/stderr piped,
-/// as the leader of its own process group.
-pub async fn spawn_executable(spec: ExecSpec) -> Result<Child, SpawnError> {
-    let in_cell = !spec.procs_files.is_empty();
-    let procs = open_procs(&spec.procs_files)?;
-    let setup = ChildSetup {
-        procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
-        setns: spec.ns.as_ref().map(|ns| ns.non_pid()).unwrap_or_default(),
-        unshare: if in_cell { libc::CLONE_NEWCGROUP } else { 0 },
-        new_mount_proc: false,
-        hostname: None,
-        loopback_up: false,
-        ids: (spec.uid.is_some() || spec.gid.is_some()).then(|| {
-            // SAFETY: getuid/getgid cannot fail.
-            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-            (spec.uid.unwrap_or(uid), spec.gid.unwrap_or(gid))
-        }),
-    };
-    let pid_ns = spec.ns.clone().map_or(PidNs::Inherit, PidNs::Enter);
-    let command = spec.command;
-    let child = fork_with(pid_ns, move || {
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(command)
-            .current_dir("/")
-            .env_clear()
-            .env("PATH", EXEC_PATH)
-            .env("HOME", "/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if !setup.is_noop() {
-            // SAFETY: the closure only makes async-signal-safe system calls
-            // on data prepared before the fork (see ChildSetup::apply).
-            unsafe { cmd.pre_exec(move || setup.apply()) };
-        }
-        reaper::spawn_owned(&mut cmd).map_err(|source| SpawnError::Start {
-            what: "executable",
-            source,
-        })
-    })
-    .await?;
-    drop(procs);
-    Ok(child)
-}
-
 fn open_procs(files: &[PathBuf]) -> Result<Vec<OwnedFd>, SpawnError> {
     files
         .iter()
@@ -441,10 +381,6 @@ fn check(r: libc::c_int) -> io::Result<()> {
 }
 
 impl ChildSetup {
-    fn is_noop(&self) -> bool {
-        self.procs.is_empty() && self.setns.is_empty() && self.unshare == 0 && self.ids.is_none()
-    }
-
     /// Runs in the forked child. Order matters: join the cgroups first (as
     /// root, before any namespace change), enter inherited namespaces, make
     /// new ones, and drop privileges last.

@@ -41,11 +41,10 @@ impl Cells {
         let mut report = Adopted::default();
         let records = self.store.load_cells();
         let backend = self.backend.clone();
-        let existing: HashSet<Vec<String>> = tokio::task::spawn_blocking(move || {
-            backend.leftover_cells().into_iter().collect()
-        })
-        .await
-        .unwrap_or_default();
+        let existing: HashSet<Vec<String>> =
+            tokio::task::spawn_blocking(move || backend.leftover_cells().into_iter().collect())
+                .await
+                .unwrap_or_default();
         let mut kept: HashSet<Vec<String>> = HashSet::new();
         for r in records {
             match self.adopt_cell(&r, &existing) {
@@ -95,11 +94,7 @@ impl Cells {
     }
 
     /// Ok(true) if adopted with its namespaces lost.
-    fn adopt_cell(
-        &self,
-        r: &CellRecord,
-        existing: &HashSet<Vec<String>>,
-    ) -> Result<bool, String> {
+    fn adopt_cell(&self, r: &CellRecord, existing: &HashSet<Vec<String>>) -> Result<bool, String> {
         let name = CellName::parse("name", &r.name).map_err(|e| e.to_string())?;
         let path: Vec<String> = name.components().iter().map(|c| (*c).to_owned()).collect();
         if !existing.contains(&path) {
@@ -236,9 +231,7 @@ impl Cells {
         let shim = r.shim;
         let name = r.name.clone();
         if table.reserve(&name, &label).is_err() {
-            tracing::warn!(
-                "executable {name:?} in {label} is recorded twice; keeping the first"
-            );
+            tracing::warn!("executable {name:?} in {label} is recorded twice; keeping the first");
             return None;
         }
         let exe = Executable::watch(r, dir.clone(), label);

@@ -188,7 +188,10 @@ pub async fn release_shim(shim: ProcId) {
         .await
         .is_err()
     {
-        tracing::warn!("shim (pid {}) did not exit after release: SIGKILL", shim.pid);
+        tracing::warn!(
+            "shim (pid {}) did not exit after release: SIGKILL",
+            shim.pid
+        );
         if let Some(fd) = fd2 {
             let _ = proc::pidfd_send_signal(&fd, libc::SIGKILL);
         }

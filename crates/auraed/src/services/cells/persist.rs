@@ -63,9 +63,9 @@ pub struct CellSpec {
 
 impl CellSpec {
     pub fn of(c: &Cell) -> Self {
-        let cpu = c.cpu.clone().unwrap_or_default();
+        let cpu = c.cpu.unwrap_or_default();
         let cpuset = c.cpuset.clone().unwrap_or_default();
-        let mem = c.memory.clone().unwrap_or_default();
+        let mem = c.memory.unwrap_or_default();
         Self {
             cpu_weight: cpu.weight,
             cpu_max: cpu.max,

@@ -224,7 +224,8 @@ impl Cells {
                     created_at: crate::logging::now_nanos(),
                 };
                 if let Err(e) = self.store.write_cell(&record) {
-                    self.table().insert(name.clone(), Slot::Freeing(entry.clone()));
+                    self.table()
+                        .insert(name.clone(), Slot::Freeing(entry.clone()));
                     let _ = self.teardown(&name, &[entry]).await;
                     self.table().remove(&name);
                     return Err(CellsError::Internal(format!(
@@ -314,7 +315,17 @@ impl Cells {
         let table = entry.as_ref().map_or(&self.host, |e| &e.execs);
         let name = spec.name;
         table.reserve(&name, &label)?;
-        let result = self.spawn(&context, entry.as_ref(), &name, spec.command, spec.description, spec.uid, spec.gid).await;
+        let result = self
+            .spawn(
+                &context,
+                entry.as_ref(),
+                &name,
+                spec.command,
+                spec.description,
+                spec.uid,
+                spec.gid,
+            )
+            .await;
         let exe = match result {
             Ok(exe) => exe,
             Err(e) => {
@@ -354,10 +365,9 @@ impl Cells {
         uid: Option<u32>,
         gid: Option<u32>,
     ) -> Result<Arc<Executable>, CellsError> {
-        let (id, dir) = self
-            .store
-            .new_exec_dir()
-            .map_err(|e| CellsError::Internal(format!("cannot make the executable's directory: {e}")))?;
+        let (id, dir) = self.store.new_exec_dir().map_err(|e| {
+            CellsError::Internal(format!("cannot make the executable's directory: {e}"))
+        })?;
         let spec = ShimSpec {
             dir: dir.clone(),
             command: command.clone(),
@@ -447,8 +457,7 @@ impl Cells {
                 Slot::Allocating => None,
             })
             .collect();
-        let mut children: HashMap<Option<CellName>, Vec<&(Arc<CellEntry>, bool)>> =
-            HashMap::new();
+        let mut children: HashMap<Option<CellName>, Vec<&(Arc<CellEntry>, bool)>> = HashMap::new();
         for c in &cells {
             children.entry(c.0.name.parent()).or_default().push(c);
         }

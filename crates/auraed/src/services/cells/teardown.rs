@@ -7,9 +7,8 @@ use tokio::task::JoinSet;
 
 use super::{
     state::{CellEntry, Cells, Slot, HOLDER_WAIT, REMOVE_TIMEOUT},
-    OnExit,
     validation::CellName,
-    CellsError,
+    CellsError, OnExit,
 };
 
 impl Cells {

@@ -237,7 +237,11 @@ impl ObserveService for ObserveServiceImpl {
                 r.process_id
             ))
         };
-        let source = self.cells.outputs().get(r.process_id).ok_or_else(not_found)?;
+        let source = self
+            .cells
+            .outputs()
+            .get(r.process_id)
+            .ok_or_else(not_found)?;
         // Opened before returning: the stream starts at the oldest line kept
         // when it was asked for.
         let reader = OutputReader::open(&source, channel).map_err(|e| {

@@ -103,9 +103,12 @@ mod tests {
         };
         let reader = OutputReader::open(&src, Channel::Stderr).unwrap();
         let (tx, mut rx) = mpsc::channel(8);
-        tokio::time::timeout(Duration::from_secs(10), produce(reader, Channel::Stderr, tx))
-            .await
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            produce(reader, Channel::Stderr, tx),
+        )
+        .await
+        .unwrap();
         let mut items = Vec::new();
         while let Some(m) = rx.recv().await {
             items.push(m.unwrap().item.unwrap());
@@ -113,10 +116,45 @@ mod tests {
         assert_eq!(items.len(), 3);
         assert!(items.iter().all(|i| i.channel == "stderr"));
         assert_eq!(items[0].line, lost_note(3, Channel::Stderr));
-        assert!(items[0].line.starts_with("auraed: 3 stderr lines were rotated away"));
+        assert!(items[0]
+            .line
+            .starts_with("auraed: 3 stderr lines were rotated away"));
         assert!(items[0].timestamp > 1_000_000_000_000_000_000);
         assert_eq!((items[1].line.as_str(), items[1].timestamp), ("line 3", 3));
         assert_eq!((items[2].line.as_str(), items[2].timestamp), ("line 4", 4));
+    }
+
+    /// Lines through the producer into the channel, as many as the
+    /// reader's throughput test (`AURAED_OUTPUT_BENCH_LINES`, 200,000).
+    #[tokio::test]
+    async fn producer_throughput() {
+        let n: i64 = std::env::var("AURAED_OUTPUT_BENCH_LINES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let d = tempfile::tempdir().unwrap();
+        write_lines(&d.path().join("stdout.0"), 0..n);
+        format::write_atomic(d.path(), "stdout.end", n.to_string().as_bytes()).unwrap();
+        let src = OutputSource {
+            dir: d.path().to_owned(),
+            shim: ProcId::of(i32::try_from(std::process::id()).unwrap()).unwrap(),
+        };
+        let t = std::time::Instant::now();
+        let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
+        let (tx, mut rx) = mpsc::channel(128);
+        let task = tokio::spawn(produce(reader, Channel::Stdout, tx));
+        let mut got = 0;
+        while let Some(m) = rx.recv().await {
+            assert_eq!(m.unwrap().item.unwrap().timestamp, got);
+            got += 1;
+        }
+        task.await.unwrap();
+        assert_eq!(got, n);
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "{n} lines through the producer in {secs:.3} s: {:.0} lines/s",
+            n as f64 / secs
+        );
     }
 
     #[tokio::test]
