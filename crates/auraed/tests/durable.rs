@@ -570,3 +570,82 @@ async fn a_cell_whose_holder_died_refuses_start_and_is_still_freed() {
         assert!(!dir.exists());
     }
 }
+
+fn aer(d: &Daemon, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::aer_bin())
+        .arg("--config")
+        .arg(d.client_config_path())
+        .args(args)
+        .output()
+        .expect("run aer")
+}
+
+#[tokio::test]
+async fn aer_cell_wait_exits_with_the_executables_code_across_a_restart() {
+    let mut d = Daemon::start_with(None, KEEP).await;
+    let c = d.client().await;
+    let cell = unique("wait");
+    allocate(&c, &cell, false).await;
+    start(&c, Some(&cell), "seven", "sleep 1; exit 7").await;
+    let killed = start(&c, Some(&cell), "killed", "sleep 1000").await;
+    start(&c, None, &format!("{cell}-h"), "exit 3").await;
+
+    // The daemon restarts while aer waits: aer rides it out.
+    let cfg = d.client_config_path();
+    let waiter = std::thread::spawn({
+        let cell = cell.clone();
+        move || {
+            std::process::Command::new(common::aer_bin())
+                .arg("--config")
+                .arg(cfg)
+                .args(["cell", "wait", &cell, "seven", "--timeout", "60"])
+                .output()
+                .expect("aer")
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.restart(libc::SIGKILL, None).await;
+    let out = tokio::task::spawn_blocking(move || waiter.join().expect("join"))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "exited 7");
+
+    kill(killed, libc::SIGKILL);
+    let out = aer(&d, &["cell", "wait", &cell, "killed", "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(128 + 9), "{out:?}");
+    let out = aer(&d, &["cell", "wait", &format!("{cell}-h"), "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = aer(&d, &["cell", "wait", &cell, "nope", "--timeout", "10"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let running = start(&c_after(&d).await, Some(&cell), "runs", "sleep 1000").await;
+    let out = aer(&d, &["cell", "wait", &cell, "runs", "--timeout", "0.3"]);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(!exited(running));
+
+    let out = aer(&d, &["cell", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("seven") && text.contains("exited 7"), "{text}");
+    assert!(text.contains(&format!("pid {running}")) && text.contains("running"), "{text}");
+    assert!(text.contains("(host)"), "{text}");
+    let out = aer(&d, &["--json", "cell", "list"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let execs = v
+        .as_array()
+        .and_then(|cells| cells.iter().find(|c| c["name"] == cell.as_str()))
+        .map(|c| c["executables"].clone())
+        .expect("cell in JSON");
+    assert!(
+        execs
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x["name"] == "seven" && x["exit_code"] == 7)),
+        "{execs}"
+    );
+    let c = d.client().await;
+    free(&c, &cell).await;
+    stop(&c, None, &format!("{cell}-h")).await;
+}
+
+async fn c_after(d: &Daemon) -> Client {
+    d.client().await
+}
