@@ -152,6 +152,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workloads_are_kept_by_default() {
+        let c = Config::try_parse_from(["auraed"]).expect("defaults parse");
+        assert_eq!(c.on_exit, crate::services::cells::OnExit::Keep);
+        assert_eq!(c.output_cap, crate::host::shim::format::DEFAULT_OUTPUT_CAP);
+        let c = Config::try_parse_from(["auraed", "--on-exit", "free", "--output-cap", "1M"])
+            .expect("flags parse");
+        assert_eq!(c.on_exit, crate::services::cells::OnExit::Free);
+        assert_eq!(c.output_cap, 1 << 20);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("16M"), Ok(16 << 20));
         assert_eq!(parse_size("262144"), Ok(256 << 10));

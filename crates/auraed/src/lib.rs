@@ -51,6 +51,11 @@ pub async fn run(
     logs: Arc<LogBus>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    if let Some((old, new)) = host::rlimit::raise_nofile() {
+        if new > old {
+            tracing::debug!("open-file limit raised from {old} to {new}");
+        }
+    }
     pki::ensure(&config)?;
     let tls = listener::tls_config(&config)?;
     let target = Target::parse(&config.socket);

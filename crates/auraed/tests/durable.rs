@@ -614,7 +614,10 @@ async fn aer_cell_wait_exits_with_the_executables_code_across_a_restart() {
     kill(killed, libc::SIGKILL);
     let out = aer(&d, &["cell", "wait", &cell, "killed", "--timeout", "10"]);
     assert_eq!(out.status.code(), Some(128 + 9), "{out:?}");
-    let out = aer(&d, &["cell", "wait", &format!("{cell}-h"), "--timeout", "10"]);
+    let out = aer(
+        &d,
+        &["cell", "wait", &format!("{cell}-h"), "--timeout", "10"],
+    );
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let out = aer(&d, &["cell", "wait", &cell, "nope", "--timeout", "10"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -625,8 +628,14 @@ async fn aer_cell_wait_exits_with_the_executables_code_across_a_restart() {
 
     let out = aer(&d, &["cell", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("seven") && text.contains("exited 7"), "{text}");
-    assert!(text.contains(&format!("pid {running}")) && text.contains("running"), "{text}");
+    assert!(
+        text.contains("seven") && text.contains("exited 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("pid {running}")) && text.contains("running"),
+        "{text}"
+    );
     assert!(text.contains("(host)"), "{text}");
     let out = aer(&d, &["--json", "cell", "list"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -636,9 +645,9 @@ async fn aer_cell_wait_exits_with_the_executables_code_across_a_restart() {
         .map(|c| c["executables"].clone())
         .expect("cell in JSON");
     assert!(
-        execs
-            .as_array()
-            .is_some_and(|e| e.iter().any(|x| x["name"] == "seven" && x["exit_code"] == 7)),
+        execs.as_array().is_some_and(|e| e
+            .iter()
+            .any(|x| x["name"] == "seven" && x["exit_code"] == 7)),
         "{execs}"
     );
     let c = d.client().await;

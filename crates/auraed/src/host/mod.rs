@@ -4,5 +4,6 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod hypervisor;
 pub mod proc;
+pub mod rlimit;
 pub mod shim;
 pub mod spawn;

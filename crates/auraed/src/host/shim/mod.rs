@@ -128,8 +128,9 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(false);
-    // SAFETY: the closure only calls fcntl (async-signal-safe) on fds that
-    // are open in the forked child, from a Vec allocated before the fork.
+    // SAFETY: the closure only calls fcntl on fds that are open in the
+    // forked child (from a Vec allocated before the fork) and setrlimit,
+    // both async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &inherit {
@@ -137,6 +138,7 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
                     return Err(io::Error::last_os_error());
                 }
             }
+            crate::host::rlimit::restore_nofile();
             Ok(())
         })
     };
