@@ -342,7 +342,7 @@ fn ended(e: &ExecutableStatus) -> bool {
 
 /// Calls `list` every [`POLL_INTERVAL`] until the executable `name` (of
 /// `cell`, or of the host context) has ended, and returns its status.
-/// `Unavailable` answers (the daemon restarting) are retried.
+/// Answers that mean the daemon is restarting are retried.
 async fn wait_for<F, Fut>(
     mut list: F,
     cell: Option<&str>,
@@ -387,7 +387,13 @@ where
                     return Err(Failure::new(format!("NotFound: no {what}")))
                 }
             },
-            Err(s) if s.code() == tonic::Code::Unavailable => {
+            // A daemon that restarts refuses connections (UNAVAILABLE) or
+            // breaks the one in use (UNKNOWN "transport error"); the
+            // channel reconnects on the next call.
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    || (s.code() == tonic::Code::Unknown && s.message().contains("transport")) =>
+            {
                 if !noted_unavailable {
                     eprintln!("aer: the daemon is unavailable ({}); still waiting", s.message());
                     noted_unavailable = true;

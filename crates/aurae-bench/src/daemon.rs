@@ -1,9 +1,14 @@
 //! A throwaway `auraed`: temp socket, throwaway PKI (the daemon's own
 //! first-start PKI, kept under the benchmark's temp dir), its own cgroup
-//! root. Dropping a [`Daemon`] stops it (SIGTERM, then SIGKILL); the daemon
-//! frees its cells on SIGTERM.
+//! root, `--on-exit free` (SIGTERM frees every cell: the benchmark leaves
+//! nothing behind) and `--output-cap 4G` (the streaming figures write at
+//! most 1 GiB per executable: nothing may be rotated away). Dropping a
+//! [`Daemon`] stops it (SIGTERM, then SIGKILL); [`Daemon::restart`] kills it
+//! (SIGKILL) and starts a new one on the same directories and cgroup root,
+//! which re-adopts the cells and executables.
 
 use std::{
+    io::Write as _,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -18,14 +23,21 @@ use aurae_client::{proto::discovery::DiscoverRequest, Client, ClientConfig};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long SIGTERM may take (it frees every cell; 1,000 take a while).
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Output kept per executable and channel: more than any figure writes.
+const OUTPUT_CAP: &str = "4G";
+/// The log file in the daemon's directory (every start appends to it).
+const LOG: &str = "auraed.log";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub struct Daemon {
+    bin: PathBuf,
     child: Child,
     dir: PathBuf,
     pub cgroup_root: String,
     pki: PathBuf,
+    /// stop() ran.
+    stopped: bool,
 }
 
 impl Daemon {
@@ -36,41 +48,37 @@ impl Daemon {
         let dir = work.join(format!("auraed-{n}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let cgroup_root = format!("/aurae-bench-{}-d{n}", std::process::id());
-        let log = std::fs::File::create(dir.join("auraed.log")).context("create auraed.log")?;
-        let child = Command::new(bin)
-            .arg("--socket")
-            .arg(dir.join("aurae.sock"))
-            .arg("--ca-crt")
-            .arg(pki.join("ca.crt"))
-            .arg("--server-crt")
-            .arg(pki.join("_signed.server.crt"))
-            .arg("--server-key")
-            .arg(pki.join("server.key"))
-            .arg("--runtime-dir")
-            .arg(dir.join("run"))
-            .arg("--library-dir")
-            .arg(dir.join("lib"))
-            .arg("--cgroup-root")
-            .arg(&cgroup_root)
-            .arg("--stop-grace-secs")
-            .arg("1")
-            // The first-start PKI also writes ~/.aurae/config: keep it in here.
-            .env("HOME", &dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            // Its own process group: Ctrl-C reaches only the benchmark,
-            // which then stops the daemon in order.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let child = launch(bin, &dir, &cgroup_root, pki)?;
         Ok(Daemon {
+            bin: bin.to_owned(),
             child,
             dir,
             cgroup_root,
             pki: pki.to_owned(),
+            stopped: false,
         })
+    }
+
+    /// Kills the daemon (SIGKILL: no clean-up at all, its workloads keep
+    /// running) and starts a new one with the same arguments (directories,
+    /// socket, cgroup root), which re-adopts them. Returns once it answers
+    /// Discover: a client, when it was spawned, and how long it took.
+    pub async fn restart(&mut self) -> anyhow::Result<(Client, Instant, Duration)> {
+        anyhow::ensure!(!self.stopped, "restart of a stopped daemon");
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), libc::SIGKILL);
+        }
+        let st = self.child.wait().context("wait for the killed auraed")?;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.join(LOG))
+            .context("open auraed.log")?;
+        let _ = writeln!(log, "aurae-bench: auraed killed ({st}); starting a new one");
+        let t0 = Instant::now();
+        self.child = launch(&self.bin, &self.dir, &self.cgroup_root, &self.pki)?;
+        let client = self.wait_ready().await?;
+        Ok((client, t0, t0.elapsed()))
     }
 
     pub fn pid(&self) -> i32 {
@@ -115,30 +123,63 @@ impl Daemon {
         }
     }
 
+    /// The last lines of the daemon's log (warnings and errors of every
+    /// start of it).
     pub fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("auraed.log")).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(20).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        log_tail(&self.dir.join(LOG), 20)
     }
 
-    /// SIGTERM, bounded wait, SIGKILL. Idempotent.
-    pub fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
+    /// SIGTERM (the daemon frees every cell), bounded wait, SIGKILL.
+    /// Idempotent. Whatever the daemon left behind (a cgroup root that
+    /// still exists: it was killed or exited on its own, or its clean-up
+    /// failed) is killed and removed by pid here; the return value says
+    /// what that was (None: nothing was left).
+    pub fn stop(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return None;
         }
-        signal(self.pid(), libc::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
+        let mut how = String::new();
+        match self.child.try_wait() {
+            Ok(None) => {
+                signal(self.pid(), libc::SIGTERM);
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if matches!(self.child.try_wait(), Ok(None)) {
+                    how = format!("ignored SIGTERM for {STOP_TIMEOUT:?}: SIGKILL; ");
+                    signal(self.pid(), libc::SIGKILL);
+                }
+                match self.child.wait() {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => how += &format!("exited {st} after SIGTERM; "),
+                    Err(e) => how += &format!("wait: {e}; "),
+                }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            Ok(Some(st)) => how = format!("had already exited ({st}) before SIGTERM; "),
+            Err(e) => how = format!("try_wait: {e}; "),
         }
-        eprintln!("auraed (pid {}) ignored SIGTERM: SIGKILL", self.pid());
-        signal(self.pid(), libc::SIGKILL);
-        let _ = self.child.wait();
+        let rel = self.cgroup_root.trim_start_matches('/');
+        let left = kill_cgroup_tree(rel);
+        let exists = cgroup_tree_exists(rel);
+        if how.is_empty() && left == 0 && !exists {
+            return None;
+        }
         // It could not clean up after itself.
-        crate::floor::remove_tree(self.cgroup_root.trim_start_matches('/'));
+        crate::floor::remove_tree(rel);
+        let what = format!(
+            "auraed (pid {}) {how}it left {left} processes in {} (killed){}; log:\n{}",
+            self.pid(),
+            self.cgroup_root,
+            if exists {
+                " and its cgroups (removed)"
+            } else {
+                ""
+            },
+            self.log()
+        );
+        eprintln!("aurae-bench: {what}");
+        Some(what)
     }
 }
 
@@ -146,6 +187,133 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts `bin` on `dir` (its socket, runtime and library directories, its
+/// log appended to `dir/auraed.log`), the PKI in `pki`, `cgroup_root`.
+fn launch(bin: &Path, dir: &Path, cgroup_root: &str, pki: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join(LOG))
+        .context("open auraed.log")?;
+    Command::new(bin)
+        .arg("--socket")
+        .arg(dir.join("aurae.sock"))
+        .arg("--ca-crt")
+        .arg(pki.join("ca.crt"))
+        .arg("--server-crt")
+        .arg(pki.join("_signed.server.crt"))
+        .arg("--server-key")
+        .arg(pki.join("server.key"))
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .arg("--library-dir")
+        .arg(dir.join("lib"))
+        .arg("--cgroup-root")
+        .arg(cgroup_root)
+        .arg("--stop-grace-secs")
+        .arg("1")
+        // SIGTERM frees every cell (the default, keep, would leave the
+        // benchmark's workloads running).
+        .arg("--on-exit")
+        .arg("free")
+        .arg("--output-cap")
+        .arg(OUTPUT_CAP)
+        // The first-start PKI also writes ~/.aurae/config: keep it in here.
+        .env("HOME", dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group: Ctrl-C reaches only the benchmark,
+        // which then stops the daemon in order.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// The last `n` lines of a file.
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Every daemon log under `work` that is not empty: (daemon dir name, last
+/// `n` lines).
+pub fn logs(work: &Path, n: usize) -> Vec<(String, String)> {
+    let Ok(rd) = std::fs::read_dir(work) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("auraed-"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                log_tail(&e.path().join(LOG), n),
+            )
+        })
+        .filter(|(_, t)| !t.trim().is_empty())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The directories of `rel` in every cgroup hierarchy (v1 controllers,
+/// named ones, cgroup2), deepest first.
+fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        out.push(d.to_owned());
+    }
+    let mount = Path::new(crate::floor::CGROUP_MOUNT);
+    let mut roots = vec![mount.to_owned()];
+    if let Ok(rd) = std::fs::read_dir(mount) {
+        roots.extend(rd.flatten().map(|e| e.path()));
+    }
+    let mut out = Vec::new();
+    for h in roots {
+        let base = h.join(rel);
+        if base.is_dir() {
+            walk(&base, &mut out);
+        }
+    }
+    out
+}
+
+fn cgroup_tree_exists(rel: &str) -> bool {
+    !cgroup_dirs(rel).is_empty()
+}
+
+/// SIGKILLs every process (by pid) in the cgroups of `rel`; how many.
+fn kill_cgroup_tree(rel: &str) -> usize {
+    let mut pids: Vec<i32> = cgroup_dirs(rel)
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    for &p in &pids {
+        signal(p, libc::SIGKILL);
+    }
+    if !pids.is_empty() {
+        // Let the kernel empty the cgroups before they are removed.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pids.len()
 }
 
 pub fn signal(pid: i32, sig: i32) {

@@ -24,7 +24,7 @@ pub const CPU_QUOTA_US: i64 = 200_000;
 pub const CPU_PERIOD_US: u64 = 100_000;
 pub const MEMORY_MAX: i64 = 256 << 20;
 
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 
 /// A cgroup of ours in every hierarchy that matters, with the limits set.
 #[derive(Debug)]

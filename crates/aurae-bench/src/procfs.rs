@@ -25,6 +25,37 @@ pub fn pss_kib(pid: i32) -> Option<u64> {
     field_kb(&text, "Pss:")
 }
 
+/// The fields of /proc/PID/stat after the command (so field 3, the state,
+/// is the first): the command may contain spaces and parens, the fields
+/// follow the last ')'.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The parent of `pid` (field 4 of /proc/PID/stat).
+pub fn ppid(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22), if it has
+/// not exited (a zombie has exited).
+pub fn live_start_time(pid: i32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    if matches!(f.first().map(String::as_str), Some("Z" | "X")) {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
+/// /proc/PID/comm, without its newline.
+pub fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 /// (pid, ppid) of every process.
 fn all_parents() -> Vec<(i32, i32)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -32,13 +63,7 @@ fn all_parents() -> Vec<(i32, i32)> {
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command may contain spaces and parens: fields follow the last ')'.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
+        .filter_map(|pid| Some((pid, ppid(pid)?)))
         .collect()
 }
 
@@ -108,5 +133,13 @@ mod tests {
         assert_eq!(field_kb(t, "VmRSS:"), Some(1234));
         assert_eq!(field_kb(t, "Pss:"), Some(99));
         assert_eq!(field_kb(t, "Nope:"), None);
+    }
+
+    #[test]
+    fn reads_our_own_stat() {
+        let me = std::process::id() as i32;
+        assert_eq!(ppid(me), Some(std::os::unix::process::parent_id() as i32));
+        assert!(live_start_time(me).is_some_and(|t| t > 0));
+        assert!(!comm(me).is_empty());
     }
 }

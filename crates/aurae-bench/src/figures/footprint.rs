@@ -1,18 +1,26 @@
 //! Figure 6: footprint and scale, on fresh daemons of their own: start-up
 //! time to the first answered Discover, idle memory, memory with N isolated
-//! cells each running `sleep`, per-cell overhead, List latency at N cells.
+//! cells each running `sleep` (the daemon, the cells' namespace holders,
+//! the executables' shims), per-cell overhead, List latency at N cells,
+//! then a restart with the N cells live (SIGKILL, a new daemon on the same
+//! directories and cgroup root re-adopts them) and Free of the re-adopted
+//! cells.
 //!
 //! Memory is PSS from /proc/PID/smaps_rollup (shared pages split among the
-//! processes sharing them, so holder processes, which all run the same
-//! binary, are not counted N times); RSS is shown beside it.
+//! processes sharing them, so holders and shims, which each run one binary,
+//! are not counted N times); RSS is shown beside it.
 
 use std::{
+    collections::BTreeMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use aurae_client::{proto::cells::CellServiceListRequest, Client};
+use aurae_client::{
+    proto::cells::{CellGraphNode, CellServiceListRequest},
+    Client,
+};
 use futures_util::future::join_all;
 
 use super::{Ctx, Series};
@@ -26,6 +34,13 @@ use crate::{
 /// Concurrent Allocate/Free calls while building up and tearing down.
 const WORKERS: usize = 4;
 const HOLDER_ARG: &str = "__aurae_cell_holder__";
+/// argv[1] of a shim when `aurae-shim` is missing (auraed re-executed).
+const SHIM_ARG: &str = "__aurae_shim__";
+/// How long the restarted daemon may take to show every cell re-adopted.
+const READOPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long holders, shims and workloads may take to be gone after Free
+/// and the daemon's SIGTERM.
+const GONE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -74,6 +89,85 @@ where
     .await;
     let e = err.into_inner().ok().flatten();
     (counts.into_iter().sum(), e)
+}
+
+/// One List: cell name → pids of its executables in state "running"
+/// (cells nested in others included).
+async fn running_executables(client: &Client) -> anyhow::Result<BTreeMap<String, Vec<i32>>> {
+    fn walk(nodes: &[CellGraphNode], out: &mut BTreeMap<String, Vec<i32>>) {
+        for n in nodes {
+            let name = n.cell.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+            let pids = n
+                .executables
+                .iter()
+                .filter(|e| e.state == "running")
+                .map(|e| e.pid)
+                .collect();
+            out.insert(name, pids);
+            walk(&n.children, out);
+        }
+    }
+    let r = client.cells().list(CellServiceListRequest {}).await?;
+    let mut out = BTreeMap::new();
+    walk(&r.into_inner().cells, &mut out);
+    Ok(out)
+}
+
+/// Is `pid` a shim (`aurae-shim`, or auraed re-executed as one)?
+fn is_shim(pid: i32) -> bool {
+    procfs::comm(pid) == "aurae-shim" || procfs::cmdline(pid).contains(SHIM_ARG)
+}
+
+/// Polls List on `client` until it shows the `want` cells, each with its
+/// executable running; the time from `t0`, or what the last List showed.
+async fn wait_readopted(
+    client: &Client,
+    want: &BTreeMap<String, i32>,
+    t0: Instant,
+) -> Result<(f64, BTreeMap<String, Vec<i32>>), String> {
+    let deadline = Instant::now() + READOPT_TIMEOUT;
+    let mut last = String::from("no List answered");
+    loop {
+        match running_executables(client).await {
+            Ok(got) => {
+                let t = ms(t0.elapsed());
+                let missing = want
+                    .keys()
+                    .filter(|c| got.get(*c).is_none_or(|p| p.is_empty()))
+                    .count();
+                if missing == 0 {
+                    return Ok((t, got));
+                }
+                last = format!(
+                    "the last List showed {} cells, {missing} of the {} expected without a running executable",
+                    got.len(),
+                    want.len()
+                );
+            }
+            Err(e) => last = format!("the last List failed: {e:#}"),
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not re-adopted within {READOPT_TIMEOUT:?}: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Of the processes in `procs` ((pid, start time)), those still running
+/// (same pid, same start time) after up to GONE_TIMEOUT.
+async fn still_running(procs: &[(i32, u64)]) -> Vec<i32> {
+    let deadline = Instant::now() + GONE_TIMEOUT;
+    loop {
+        let left: Vec<i32> = procs
+            .iter()
+            .filter(|&&(p, t)| procfs::live_start_time(p) == Some(t))
+            .map(|&(p, _)| p)
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
@@ -156,12 +250,41 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let dpss = procfs::pss_kib(pid).unwrap_or(0);
     let drss = procfs::rss_kib(pid).unwrap_or(0);
-    let kids = procfs::descendants(pid);
-    let (holders, others): (Vec<i32>, Vec<i32>) = kids
+    let holders: Vec<i32> = procfs::descendants(pid)
         .into_iter()
-        .partition(|&p| procfs::cmdline(p).contains(HOLDER_ARG));
+        .filter(|&p| procfs::cmdline(p).contains(HOLDER_ARG))
+        .collect();
+    // The workloads are the cells' executables as List reports them (a
+    // `sleep`: `exec` replaced the `sh -c`); the shim of each is its
+    // parent.
+    let execs = running_executables(&client)
+        .await
+        .context("List with the cells up")?;
+    let before: BTreeMap<String, i32> = execs
+        .iter()
+        .filter_map(|(c, p)| Some((c.clone(), *p.first()?)))
+        .collect();
+    let workloads: Vec<i32> = before.values().copied().collect();
+    let mut shims: Vec<i32> = workloads.iter().filter_map(|&p| procfs::ppid(p)).collect();
+    shims.sort_unstable();
+    shims.dedup();
+    let not_shims = shims.iter().filter(|&&p| !is_shim(p)).count();
+    if workloads.len() != made {
+        f.note(format!(
+            "List showed {} cells with a running executable, {made} expected",
+            workloads.len()
+        ));
+    }
+    if not_shims > 0 || shims.len() != workloads.len() {
+        f.note(format!(
+            "{} executables have {} distinct parents, {not_shims} of them not aurae-shim",
+            workloads.len(),
+            shims.len()
+        ));
+    }
     let (hpss, hrss, hn) = sum_mem(&holders);
-    let (wpss, _, wn) = sum_mem(&others);
+    let (spss, srss, sn) = sum_mem(&shims);
+    let (wpss, _, wn) = sum_mem(&workloads);
     let label = |s: &str| format!("{s}, {made} cells");
     f.row(Row::measured(
         "cells_daemon_pss",
@@ -192,11 +315,32 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
         &[mib(hrss)],
     ))
     .row(Row::measured(
-        "per_cell",
-        "per-cell overhead: (daemon PSS growth + holders PSS) / cells",
+        "cells_shims_pss",
+        &format!("{sn} shim processes, PSS total"),
+        Kind::Ours,
+        "MiB",
+        &[mib(spss)],
+    ))
+    .row(Row::measured(
+        "cells_shims_rss",
+        &format!("{sn} shim processes, RSS total"),
+        Kind::Ours,
+        "MiB",
+        &[mib(srss)],
+    ))
+    .row(Row::measured(
+        "shim_pss",
+        "  per executable: its shim, PSS",
         Kind::Ours,
         "KiB",
-        &[(dpss.saturating_sub(idle_pss) + hpss) as f64 / made.max(1) as f64],
+        &[spss as f64 / sn.max(1) as f64],
+    ))
+    .row(Row::measured(
+        "per_cell",
+        "per cell: (daemon PSS growth + holders + shims PSS) / cells",
+        Kind::Ours,
+        "KiB",
+        &[(dpss.saturating_sub(idle_pss) + hpss + spss) as f64 / made.max(1) as f64],
     ))
     .row(Row::measured(
         "workloads_pss",
@@ -220,24 +364,115 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
     }
     f.row(list.row("list", &label("List latency"), Kind::Ours, "ms"));
 
-    let t0 = Instant::now();
-    let (freed, ferr) = for_each(made, |i| {
-        let client = &client;
-        async move { cells::free(client, &format!("f{i}")).await }
-    })
-    .await;
-    f.row(Row::measured(
-        "free",
-        "Free (stops sleep, kills holder), per cell (4 concurrent)",
-        Kind::Ours,
-        "ms",
-        &[ms(t0.elapsed()) / freed.max(1) as f64],
-    ));
-    if let Some(e) = ferr {
-        f.note(format!("Free failed after {freed} cells: {e:#}"));
+    // What must be gone once the cells are freed and the daemon stopped.
+    let procs: Vec<(i32, u64)> = holders
+        .iter()
+        .chain(&shims)
+        .chain(&workloads)
+        .filter_map(|&p| Some((p, procfs::live_start_time(p)?)))
+        .collect();
+
+    // Restart with every cell live: SIGKILL, a new daemon on the same
+    // directories and cgroup root.
+    drop(client);
+    let restarted = d.restart().await;
+    let rlabel = |s: &str| format!("restart with {made} live cells: {s}");
+    let client = match restarted {
+        Ok((client, t0, ready)) => {
+            f.row(Row::measured(
+                "restart_discover",
+                &rlabel("spawn → first Discover"),
+                Kind::Ours,
+                "ms",
+                &[ms(ready)],
+            ));
+            match wait_readopted(&client, &before, t0).await {
+                Ok((t, after)) => {
+                    f.row(Row::measured(
+                        "restart_list",
+                        &rlabel("spawn → List shows all"),
+                        Kind::Ours,
+                        "ms",
+                        &[t],
+                    ));
+                    let moved = before
+                        .iter()
+                        .filter(|(c, p)| after.get(*c).is_none_or(|a| !a.contains(p)))
+                        .count();
+                    if moved > 0 {
+                        f.note(format!(
+                            "after the restart {moved} cells show another executable pid than before"
+                        ));
+                    }
+                }
+                Err(why) => {
+                    f.row(Row::unavailable(
+                        "restart_list",
+                        &rlabel("spawn → List shows all"),
+                        Kind::Ours,
+                        "ms",
+                        &why,
+                    ));
+                    f.note(format!("daemon log after the restart:\n{}", d.log()));
+                }
+            }
+            let rpss = procfs::pss_kib(d.pid()).unwrap_or(0);
+            f.row(Row::measured(
+                "restart_daemon_pss",
+                &format!("daemon PSS after re-adopting {made} cells"),
+                Kind::Ours,
+                "MiB",
+                &[mib(rpss)],
+            ));
+            Some(client)
+        }
+        Err(e) => {
+            f.row(Row::unavailable(
+                "restart_discover",
+                &rlabel("spawn → first Discover"),
+                Kind::Ours,
+                "ms",
+                &format!("{e:#}"),
+            ));
+            None
+        }
+    };
+
+    if let Some(client) = &client {
+        let t0 = Instant::now();
+        let (freed, ferr) = for_each(made, |i| async move {
+            cells::free(client, &format!("f{i}")).await
+        })
+        .await;
+        f.row(Row::measured(
+            "free",
+            "Free after restart (stops sleep+shim, kills holder), per cell",
+            Kind::Ours,
+            "ms",
+            &[ms(t0.elapsed()) / freed.max(1) as f64],
+        ));
+        if let Some(e) = ferr {
+            f.note(format!("Free failed after {freed} cells: {e:#}"));
+        }
     }
-    d.stop();
-    f.note("memory: PSS from /proc/PID/smaps_rollup, RSS from /proc/PID/status; holders are the cells' namespace holders (aurae-holder, or auraed re-executed when that binary is missing)");
+    drop(client);
+    if let Some(left) = d.stop() {
+        f.note(format!("stopping the daemon: {left}"));
+    }
+    let left = still_running(&procs).await;
+    if !left.is_empty() {
+        f.note(format!(
+            "{} of the {} holders, shims and workloads still ran after Free and the daemon's exit (killed now): {:?}",
+            left.len(),
+            procs.len(),
+            &left[..left.len().min(10)]
+        ));
+        for &p in &left {
+            crate::daemon::signal(p, libc::SIGKILL);
+        }
+    }
+    f.note("memory: PSS from /proc/PID/smaps_rollup, RSS from /proc/PID/status; holders are the cells' namespace holders (aurae-holder), shims the executables' supervisors (aurae-shim, each the parent of its executable), measured before the restart");
+    f.note(format!("restart: auraed SIGKILLed with the {made} cells live; times from spawning the new daemon (same --runtime-dir and --cgroup-root) to its first answered Discover, and to the first List showing every cell with its executable running (re-adopted, same pids); Free is of the re-adopted cells (4 concurrent)"));
     f.note("runc/crun keep no daemon and no holder: no baseline row");
     Ok(f.finish())
 }
