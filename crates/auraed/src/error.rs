@@ -34,6 +34,8 @@ impl From<crate::services::cells::CellsError> for tonic::Status {
             E::Invalid(_) => Code::InvalidArgument,
             E::NotFound(_) => Code::NotFound,
             E::AlreadyExists(_) => Code::AlreadyExists,
+            // The kernel refused a value the request gave.
+            E::Cgroup(CgroupError::Refused { .. }) => Code::InvalidArgument,
             E::Precondition(_) | E::Cgroup(CgroupError::Unsupported { .. }) => {
                 Code::FailedPrecondition
             }
@@ -79,7 +81,10 @@ impl From<crate::services::vms::VmsError> for tonic::Status {
             E::AlreadyExists(_) => Code::AlreadyExists,
             E::Precondition(_) => Code::FailedPrecondition,
             // A limit the cells refuse is the caller's sizing.
-            E::Cells(CellsError::Invalid(_)) => Code::InvalidArgument,
+            E::Cells(
+                CellsError::Invalid(_)
+                | CellsError::Cgroup(crate::host::cgroup::CgroupError::Refused { .. }),
+            ) => Code::InvalidArgument,
             E::Cells(_) => Code::Internal,
             E::Boot(_) => Code::Unavailable,
             E::Hypervisor(_) | E::Identity(_) | E::Io(..) => Code::Internal,

@@ -22,6 +22,8 @@ pub struct FakeBackend {
     pub unsupported: Vec<&'static str>,
     /// When set, `create` fails with an Io error for this cell path (joined with '/').
     pub fail_create: Option<String>,
+    /// What `cpuset_available` answers (for every parent).
+    pub cpuset: Option<(String, String)>,
     calls: Mutex<Vec<FakeCall>>,
 }
 
@@ -92,6 +94,10 @@ impl CgroupBackend for FakeBackend {
 
     fn leftover_cells(&self) -> Vec<Vec<String>> {
         Vec::new()
+    }
+
+    fn cpuset_available(&self, _parent: &[&str]) -> Option<(String, String)> {
+        self.cpuset.clone()
     }
 
     fn remove_root(&self) -> Result<(), CgroupError> {

@@ -294,3 +294,60 @@ fn hybrid_kill_loop_with_v1_freezer() {
         "nothing left in any hierarchy"
     );
 }
+
+/// Values the kernel refuses are `Refused` naming the field (INVALID_ARGUMENT at the edge), and
+/// a failed create leaves nothing behind; the available cpuset is the host's.
+#[test]
+fn hybrid_kernel_refusals_name_the_field() {
+    let Some(root) = hybrid_root() else { return };
+    let _guard = Guard {
+        root: root.clone(),
+        children: Vec::new(),
+    };
+    let b = detect_host(Some(&format!("/{root}"))).expect("detect");
+    let host_cpus = read(Path::new(DEFAULT_MOUNT_ROOT).join("cpuset/cpuset.effective_cpus"));
+    let (cpus, _mems) = b.cpuset_available(&[]).expect("cpuset is mounted");
+    assert_eq!(cpus, host_cpus);
+    let cases: [(Limits, &str); 4] = [
+        (
+            Limits {
+                cpu_max: Some(1 << 50),
+                ..Limits::default()
+            },
+            "cell.cpu.max",
+        ),
+        (
+            Limits {
+                cpus: Some("0-99999".into()),
+                ..Limits::default()
+            },
+            "cell.cpuset.cpus",
+        ),
+        (
+            Limits {
+                cpus: Some("4294967295".into()),
+                ..Limits::default()
+            },
+            "cell.cpuset.cpus",
+        ),
+        (
+            Limits {
+                mems: Some("7".into()),
+                ..Limits::default()
+            },
+            "cell.cpuset.mems",
+        ),
+    ];
+    for (limits, want) in cases {
+        match b.create(&["r"], &limits) {
+            Err(CgroupError::Refused { field, .. }) => assert_eq!(field, want, "{limits:?}"),
+            other => panic!("{limits:?}: {other:?}"),
+        }
+        for d in fs::read_dir(DEFAULT_MOUNT_ROOT).expect("ls").flatten() {
+            assert!(
+                !d.path().join(&root).join("r").exists(),
+                "{limits:?} left r"
+            );
+        }
+    }
+}

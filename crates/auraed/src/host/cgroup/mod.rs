@@ -87,6 +87,16 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// The kernel refused a limit's value (EINVAL, ERANGE, ...): the
+    /// client's request, not a host failure. `field` is the API field path.
+    #[error("{field}: the kernel refused {value:?} for {path}: {source}")]
+    Refused {
+        field: &'static str,
+        value: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("no usable cgroup hierarchy: {0}")]
     NoHierarchy(String),
     #[error("cgroup {path} still has processes after {waited_ms} ms")]
@@ -123,6 +133,13 @@ pub trait CgroupBackend: Send + Sync + std::fmt::Debug {
     /// Cells found under the root subtree (left by an earlier run of the
     /// daemon that could not clean up), parents before their children.
     fn leftover_cells(&self) -> Vec<Vec<String>>;
+    /// The (cpus, mems) a new cell below `parent` (components; empty: a
+    /// top-level cell) may use: the parent cgroup's effective lists, as the
+    /// kernel prints them (v1 `cpuset.effective_cpus`/`_mems`, else
+    /// `cpuset.cpus`/`mems`; v2 `cpuset.cpus.effective`/`mems.effective`),
+    /// or the nearest existing ancestor's while the root subtree is not
+    /// made yet. None when there is no cpuset to read. Touches nothing.
+    fn cpuset_available(&self, parent: &[&str]) -> Option<(String, String)>;
 }
 
 /// Detects the host layout once. `mount_root` is normally "/sys/fs/cgroup" (injectable for tests);
@@ -258,6 +275,32 @@ fn invalid_cell(path: &[&str]) -> CgroupError {
 
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
     fs::write(path, value).map_err(|e| io_err("write", path, e))
+}
+
+/// Writes the value of API field `field`; the kernel refusing the value
+/// (rather than failing) is [`CgroupError::Refused`].
+fn write_limit(field: &'static str, path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| {
+        let refused = [libc::EINVAL, libc::ERANGE, libc::EDOM, libc::EOVERFLOW];
+        if source.raw_os_error().is_some_and(|e| refused.contains(&e)) {
+            CgroupError::Refused {
+                field,
+                value: value.to_owned(),
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            io_err("write", path, source)
+        }
+    })
+}
+
+/// Reads the first of `files` that exists in `dir`; None when none does.
+fn read_first(dir: &Path, files: &[&str]) -> Option<String> {
+    files
+        .iter()
+        .find_map(|f| fs::read_to_string(dir.join(f)).ok())
+        .map(|s| s.trim().to_owned())
 }
 
 /// Contents of a control file, trimmed; a missing file reads as empty.
@@ -402,6 +445,21 @@ impl Tree {
             return None;
         }
         Some(path.iter().fold(self.root.clone(), |p, c| p.join(c)))
+    }
+
+    /// (cpus, mems) read from the cell `parent` (the root subtree when
+    /// empty) or, where those files are missing, its nearest ancestor in
+    /// this hierarchy that has them.
+    fn cpuset_of(&self, parent: &[&str], cpus: &[&str], mems: &[&str]) -> Option<(String, String)> {
+        let start = if parent.is_empty() {
+            self.root.clone()
+        } else {
+            self.cell_dir(parent)?
+        };
+        start
+            .ancestors()
+            .take_while(|d| d.starts_with(&self.mount))
+            .find_map(|d| Some((read_first(d, cpus)?, read_first(d, mems)?)))
     }
 
     /// The directories from the mount down to `root`, both included.

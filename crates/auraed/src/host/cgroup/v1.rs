@@ -13,8 +13,8 @@ use std::{
 
 use super::{
     invalid_cell, io_err, is_fs, limit_value, lock, own_path, pids_recursive, read_trimmed,
-    requested, weight_to_shares, write_cgroup_kill, write_file, CgroupBackend, CgroupError,
-    Freezer, Limits, Tree, EXEC_LEAF,
+    requested, weight_to_shares, write_cgroup_kill, write_file, write_limit, CgroupBackend,
+    CgroupError, Freezer, Limits, Tree, EXEC_LEAF,
 };
 
 /// The v1 controllers we look for under `mount_root`; freezer only serves `kill_all`.
@@ -168,35 +168,41 @@ fn apply(ctrl: &str, dir: &Path, l: &Limits) -> Result<(), CgroupError> {
     match ctrl {
         "cpu" => {
             if let Some(w) = l.cpu_weight {
-                write_file(&dir.join("cpu.shares"), &weight_to_shares(w).to_string())?;
+                let shares = weight_to_shares(w).to_string();
+                write_limit("cell.cpu.weight", &dir.join("cpu.shares"), &shares)?;
             }
             // Period before quota: the kernel checks a quota against the current period.
             let period = l.cpu_period.or(l.cpu_max.map(|_| 100_000));
             if let Some(p) = period {
-                write_file(&dir.join("cpu.cfs_period_us"), &p.to_string())?;
+                let field = if l.cpu_period.is_some() {
+                    "cell.cpu.period"
+                } else {
+                    "cell.cpu.max"
+                };
+                write_limit(field, &dir.join("cpu.cfs_period_us"), &p.to_string())?;
             }
             if let Some(m) = l.cpu_max {
-                write_file(&dir.join("cpu.cfs_quota_us"), &limit_value(m, "-1"))?;
+                let quota = limit_value(m, "-1");
+                write_limit("cell.cpu.max", &dir.join("cpu.cfs_quota_us"), &quota)?;
             }
         }
         "cpuset" => {
             fill_cpuset(dir)?;
             if let Some(m) = &l.mems {
-                write_file(&dir.join("cpuset.mems"), m)?;
+                write_limit("cell.cpuset.mems", &dir.join("cpuset.mems"), m)?;
             }
             if let Some(c) = &l.cpus {
-                write_file(&dir.join("cpuset.cpus"), c)?;
+                write_limit("cell.cpuset.cpus", &dir.join("cpuset.cpus"), c)?;
             }
         }
         "memory" => {
             if let Some(v) = l.mem_max {
-                write_file(&dir.join("memory.limit_in_bytes"), &limit_value(v, "-1"))?;
+                let file = dir.join("memory.limit_in_bytes");
+                write_limit("cell.memory.max", &file, &limit_value(v, "-1"))?;
             }
             if let Some(v) = l.mem_low {
-                write_file(
-                    &dir.join("memory.soft_limit_in_bytes"),
-                    &limit_value(v, "-1"),
-                )?;
+                let file = dir.join("memory.soft_limit_in_bytes");
+                write_limit("cell.memory.low", &file, &limit_value(v, "-1"))?;
             }
         }
         _ => {}
@@ -314,6 +320,14 @@ impl CgroupBackend for V1Backend {
         all
     }
 
+    fn cpuset_available(&self, parent: &[&str]) -> Option<(String, String)> {
+        self.tree("cpuset")?.cpuset_of(
+            parent,
+            &["cpuset.effective_cpus", "cpuset.cpus"],
+            &["cpuset.effective_mems", "cpuset.mems"],
+        )
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut ready = lock(&self.ready);
         for tree in self.trees() {
@@ -356,6 +370,9 @@ mod tests {
         let t = tmp.path();
         let b = detect(t, PROC, None).expect("detect");
         assert!(!b.is_v2());
+        let avail = |cpus: &str, mems: &str| Some((cpus.to_owned(), mems.to_owned()));
+        // No root subtree yet: the hierarchy root's.
+        assert_eq!(b.cpuset_available(&[]), avail("0-3", "0"));
         let limits = Limits {
             cpu_weight: Some(100),
             cpu_max: Some(50_000),
@@ -388,6 +405,13 @@ mod tests {
         };
         b.create(&["a", "b"], &nested).expect("create nested");
         assert_eq!(read(&t.join("cpuset/aurae/a/b/cpuset.cpus")), "1");
+        assert_eq!(b.cpuset_available(&["a", "b"]), avail("1", "0"));
+        // The kernel's effective list wins over the configured one.
+        fs::write(t.join("cpuset/aurae/a/b/cpuset.effective_cpus"), "1\n").expect("write");
+        fs::write(t.join("cpuset/aurae/a/b/cpuset.effective_mems"), "0\n").expect("write");
+        fs::write(t.join("cpuset/aurae/a/b/cpuset.cpus"), "1-2\n").expect("write");
+        assert_eq!(b.cpuset_available(&["a", "b"]), avail("1", "0"));
+        assert_eq!(b.cpuset_available(&["a"]), avail("0-3", "0"));
         assert_eq!(read(&t.join("cpuset/aurae/a/b/cpuset.mems")), "0");
         assert_eq!(read(&t.join("cpu/aurae/a/b/cpu.cfs_quota_us")), "-1");
         assert_eq!(read(&t.join("cpu/aurae/a/b/cpu.cfs_period_us")), "20000");
@@ -456,6 +480,14 @@ mod tests {
             }
         }
         assert!(!tmp.path().join("cpu/aurae/a").exists());
+    }
+
+    #[test]
+    fn no_cpuset_hierarchy_has_no_cpuset() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(tmp.path().join("memory")).expect("mkdir");
+        let b = detect(tmp.path(), "", None).expect("detect");
+        assert_eq!(b.cpuset_available(&[]), None);
     }
 
     #[test]

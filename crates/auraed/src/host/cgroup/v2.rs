@@ -10,8 +10,8 @@ use std::{
 
 use super::{
     invalid_cell, io_err, limit_value, lock, pids_recursive, read_trimmed, requested,
-    write_cgroup_kill, write_file, CgroupBackend, CgroupError, Freezer, Limits, Tree, CONTROLLERS,
-    DAEMON_LEAF, EXEC_LEAF,
+    write_cgroup_kill, write_file, write_limit, CgroupBackend, CgroupError, Freezer, Limits, Tree,
+    CONTROLLERS, DAEMON_LEAF, EXEC_LEAF,
 };
 
 /// cpu.max period when only the quota is given (the kernel's default too).
@@ -162,29 +162,30 @@ impl V2Backend {
 /// Writes the limits into the cell's own directory.
 fn apply(dir: &Path, l: &Limits) -> Result<(), CgroupError> {
     if let Some(w) = l.cpu_weight {
-        write_file(&dir.join("cpu.weight"), &w.to_string())?;
+        write_limit("cell.cpu.weight", &dir.join("cpu.weight"), &w.to_string())?;
     }
     if l.cpu_max.is_some() || l.cpu_period.is_some() {
         let quota = l
             .cpu_max
             .map_or_else(|| "max".to_string(), |m| limit_value(m, "max"));
         let period = l.cpu_period.unwrap_or(DEFAULT_PERIOD);
-        write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+        let value = format!("{quota} {period}");
+        write_limit("cell.cpu.max", &dir.join("cpu.max"), &value)?;
     }
     if let Some(c) = &l.cpus {
-        write_file(&dir.join("cpuset.cpus"), c)?;
+        write_limit("cell.cpuset.cpus", &dir.join("cpuset.cpus"), c)?;
     }
     if let Some(m) = &l.mems {
-        write_file(&dir.join("cpuset.mems"), m)?;
+        write_limit("cell.cpuset.mems", &dir.join("cpuset.mems"), m)?;
     }
-    for (value, file) in [
-        (l.mem_min, "memory.min"),
-        (l.mem_low, "memory.low"),
-        (l.mem_high, "memory.high"),
-        (l.mem_max, "memory.max"),
+    for (value, file, field) in [
+        (l.mem_min, "memory.min", "cell.memory.min"),
+        (l.mem_low, "memory.low", "cell.memory.low"),
+        (l.mem_high, "memory.high", "cell.memory.high"),
+        (l.mem_max, "memory.max", "cell.memory.max"),
     ] {
         if let Some(v) = value {
-            write_file(&dir.join(file), &limit_value(v, "max"))?;
+            write_limit(field, &dir.join(file), &limit_value(v, "max"))?;
         }
     }
     Ok(())
@@ -271,6 +272,14 @@ impl CgroupBackend for V2Backend {
 
     fn leftover_cells(&self) -> Vec<Vec<String>> {
         super::cell_dirs_below(&self.tree.root)
+    }
+
+    fn cpuset_available(&self, parent: &[&str]) -> Option<(String, String)> {
+        self.tree.cpuset_of(
+            parent,
+            &["cpuset.cpus.effective"],
+            &["cpuset.mems.effective"],
+        )
     }
 
     fn remove_root(&self) -> Result<(), CgroupError> {
@@ -365,6 +374,27 @@ mod tests {
         assert!(!cell.exists());
         b.remove_root().expect("remove root");
         assert!(!root.exists());
+    }
+
+    #[test]
+    fn cpuset_available_is_the_parents_effective_one() {
+        let tmp = layout("cpuset cpu");
+        let t = tmp.path();
+        let b = detect(t, "0::/\n", None).expect("detect");
+        let avail = |cpus: &str, mems: &str| Some((cpus.to_owned(), mems.to_owned()));
+        assert_eq!(b.cpuset_available(&[]), None, "nothing to read");
+        fs::write(t.join("cpuset.cpus.effective"), "0-1\n").expect("write");
+        fs::write(t.join("cpuset.mems.effective"), "0\n").expect("write");
+        assert_eq!(b.cpuset_available(&[]), avail("0-1", "0"));
+        b.create(&["a"], &Limits::default()).expect("create");
+        // A plain directory has no effective files: the nearest ancestor's.
+        assert_eq!(b.cpuset_available(&["a"]), avail("0-1", "0"));
+        fs::write(t.join("aurae/a/cpuset.cpus.effective"), "1\n").expect("write");
+        fs::write(t.join("aurae/a/cpuset.mems.effective"), "0\n").expect("write");
+        assert_eq!(b.cpuset_available(&["a"]), avail("1", "0"));
+        assert_eq!(b.cpuset_available(&[]), avail("0-1", "0"));
+        b.remove(&["a"], Duration::ZERO).expect("remove");
+        b.remove_root().expect("remove root");
     }
 
     #[test]

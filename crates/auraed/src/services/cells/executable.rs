@@ -334,6 +334,11 @@ impl ExecTable {
         t.by_name.values().flatten().cloned().collect()
     }
 
+    /// Whether Free closed the table.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     pub fn reopen(&self) {
         self.lock().closed = false;
     }

@@ -112,19 +112,13 @@ impl CellService for CellServiceImpl {
             })
         })?;
         let name = validation::executable_name("executable.name", &exe.name)?;
-        if exe.command.trim().is_empty() {
-            return Err(CellsError::Invalid(Invalid {
-                field: "executable.command",
-                reason: "must not be empty".into(),
-            })
-            .into());
-        }
+        validation::command("executable.command", &exe.command)?;
         let spec = StartSpec {
             name,
             command: exe.command,
             description: exe.description,
-            uid: r.uid,
-            gid: r.gid,
+            uid: validation::id("uid", r.uid)?,
+            gid: validation::id("gid", r.gid)?,
         };
         let s = self.cells.start(ctx, spec).await?;
         Ok(Response::new(CellServiceStartResponse {

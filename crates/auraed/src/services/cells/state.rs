@@ -17,7 +17,7 @@ use super::{
     executable::{ExecTable, Executable},
     output::{OutputSource, Outputs},
     persist::{CellRecord, CellSpec, ExecRecord, HolderRecord, Store},
-    validation::CellName,
+    validation::{self, CellName, Invalid},
     CellsError,
 };
 use crate::host::{
@@ -198,6 +198,10 @@ impl Cells {
             t.insert(name.clone(), Slot::Allocating);
             parent
         };
+        if let Err(e) = self.check_cpuset(&name, &limits) {
+            self.table().remove(&name);
+            return Err(e.into());
+        }
         let (parent_ns, parent_holders) = parent
             .map(|p| (p.ns.clone(), p.ns_holders.clone()))
             .unwrap_or_default();
@@ -241,6 +245,29 @@ impl Cells {
                 Err(e)
             }
         }
+    }
+
+    /// The cpus and mems asked for must be the parent's (or, for a
+    /// top-level cell, the root subtree's): the kernel refuses others.
+    fn check_cpuset(&self, name: &CellName, limits: &Limits) -> Result<(), Invalid> {
+        if limits.cpus.is_none() && limits.mems.is_none() {
+            return Ok(());
+        }
+        let parent = name.parent();
+        let components = parent
+            .as_ref()
+            .map(CellName::components)
+            .unwrap_or_default();
+        let Some((cpus, mems)) = self.backend.cpuset_available(&components) else {
+            return Ok(());
+        };
+        if let Some(c) = &limits.cpus {
+            validation::cpuset_within("cell.cpuset.cpus", c, &cpus)?;
+        }
+        if let Some(m) = &limits.mems {
+            validation::cpuset_within("cell.cpuset.mems", m, &mems)?;
+        }
+        Ok(())
     }
 
     /// The kernel work of Allocate; undoes itself on failure.
@@ -330,7 +357,10 @@ impl Cells {
             Ok(exe) => exe,
             Err(e) => {
                 table.unreserve(&name);
-                return Err(e);
+                return Err(match &context {
+                    Context::Cell(c) => self.gone_meanwhile(c, entry.as_ref()).unwrap_or(e),
+                    Context::Host => e,
+                });
             }
         };
         let pid = exe.pid;
@@ -351,6 +381,40 @@ impl Cells {
         }
         tracing::info!("started executable {name:?} in {label}: pid {pid}");
         Ok(Started { pid, uid, gid })
+    }
+
+    /// After a failed spawn into cell `c`: the error to give when the cell
+    /// went away meanwhile (freed or being freed, or its namespaces' holder
+    /// died), which is then the cause (a fork into a pid namespace whose
+    /// init is gone fails with ENOMEM, a write to a removed cgroup with
+    /// ENODEV...). None when the cell is still there as it was.
+    fn gone_meanwhile(&self, c: &CellName, entry: Option<&Arc<CellEntry>>) -> Option<CellsError> {
+        let same = match self.table().get(c) {
+            None | Some(Slot::Allocating) => {
+                return Some(CellsError::NotFound(format!(
+                    "cell {c} was freed while the executable was starting"
+                )))
+            }
+            Some(Slot::Freeing(_)) => {
+                return Some(CellsError::Precondition(format!("cell {c} is being freed")))
+            }
+            Some(Slot::Ready(now)) => entry.is_some_and(|e| Arc::ptr_eq(e, now)),
+        };
+        if !same {
+            return Some(CellsError::Precondition(format!(
+                "cell {c} was freed and allocated again while the executable was starting"
+            )));
+        }
+        let e = entry?;
+        if e.execs.is_closed() {
+            return Some(CellsError::Precondition(format!("cell {c} is being freed")));
+        }
+        e.dead_holder().map(|h| {
+            CellsError::Precondition(format!(
+                "cell {c} cannot start executables: the holder of its namespaces (pid {}) is gone; free the cell",
+                h.pid
+            ))
+        })
     }
 
     /// Starts the shim and the executable, and records them.
