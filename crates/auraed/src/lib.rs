@@ -9,6 +9,7 @@
 //! service); `host/` is the kernel-facing code and never imports tonic.
 
 pub mod config;
+mod decode_status;
 pub mod error;
 pub mod host;
 mod inflight;
@@ -135,6 +136,7 @@ pub async fn run(
     let inflight = inflight::InFlight::default();
     let router = Server::builder()
         .layer(inflight.clone())
+        .layer(decode_status::DecodeStatusLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -167,16 +169,28 @@ pub async fn run(
                 health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            // Stops accepting and tells every open connection GOAWAY at
+            // once: the client refuses new calls on them right away (tonic
+            // says CANCELLED "connection closed", then UNAVAILABLE as the
+            // socket is gone), calls in flight go on. The server future must be
+            // polled for that to happen, so it runs alongside the wait.
             token.cancel();
             let grace = Duration::from_secs(config::DEFAULT_SHUTDOWN_GRACE_SECS);
-            if !inflight.drained(grace).await {
-                tracing::warn!("{} calls still in flight after {}s; closing them", inflight.count(), grace.as_secs());
-            }
-            // Idle connections are not waited for: give the server a moment
-            // to send GOAWAY, then drop it.
-            match tokio::time::timeout(Duration::from_millis(200), &mut serve).await {
-                Ok(r) => r.map_err(DaemonError::Serve),
-                Err(_) => Ok(()),
+            let drained = inflight.drained(grace);
+            tokio::pin!(drained);
+            tokio::select! {
+                r = &mut serve => r.map_err(DaemonError::Serve),
+                ok = &mut drained => {
+                    if !ok {
+                        tracing::warn!("{} calls still in flight after {}s; closing them", inflight.count(), grace.as_secs());
+                    }
+                    // Idle connections are not waited for: give the server
+                    // a moment to finish, then drop it.
+                    match tokio::time::timeout(Duration::from_millis(200), &mut serve).await {
+                        Ok(r) => r.map_err(DaemonError::Serve),
+                        Err(_) => Ok(()),
+                    }
+                }
             }
         }
     };

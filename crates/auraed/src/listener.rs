@@ -13,9 +13,13 @@ use std::{
 
 use aurae_client::Target;
 use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
-    RootCertStore, ServerConfig,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, UnixTime},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        WebPkiClientVerifier,
+    },
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -75,6 +79,7 @@ pub fn tls_config(config: &Config) -> Result<Arc<ServerConfig>, ListenError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| cred("CA certificate", &config.ca_crt)(&e))?;
+    let verifier = Arc::new(ClientUsageVerifier(verifier));
     let mut tls = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| cred("server certificate", &config.server_crt)(&e))?
@@ -84,6 +89,90 @@ pub fn tls_config(config: &Config) -> Result<Arc<ServerConfig>, ListenError> {
     // grpc-go based clients (grpcurl) insist on ALPN h2.
     tls.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(tls))
+}
+
+/// The CA's verifier (chain, validity, signature, and the extended key
+/// usage clientAuth when the certificate lists extended usages), plus what
+/// webpki leaves out: a client certificate that states its key usages must
+/// allow digitalSignature (the TLS client signs the handshake with it).
+/// Extended key usages are checked here too, so that the rule stands
+/// whichever verifier is underneath: listed, they must include clientAuth
+/// (or anyExtendedKeyUsage).
+#[derive(Debug)]
+struct ClientUsageVerifier(Arc<dyn ClientCertVerifier>);
+
+/// Why `der` may not be a TLS client certificate, if it may not.
+fn client_usage_refusal(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let cert = match X509Certificate::from_der(der) {
+        Ok((_, cert)) => cert,
+        Err(e) => return Some(format!("unparsable certificate: {e}")),
+    };
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.digital_signature() => {
+            return Some(format!(
+                "its key usage ({}) lacks digitalSignature",
+                ku.value
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return Some(format!("bad keyUsage extension: {e}")),
+    }
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if !(eku.value.client_auth || eku.value.any) => {
+            Some("its extended key usage lacks clientAuth".to_owned())
+        }
+        Ok(_) => None,
+        Err(e) => Some(format!("bad extendedKeyUsage extension: {e}")),
+    }
+}
+
+impl ClientCertVerifier for ClientUsageVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match client_usage_refusal(end_entity) {
+            None => Ok(verified),
+            Some(why) => Err(rustls::Error::General(format!(
+                "client certificate refused: {why}"
+            ))),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
+    }
 }
 
 /// A bound listener; the unix socket file is removed on drop.
@@ -241,5 +330,43 @@ impl AsyncWrite for TlsConn {
     }
     fn is_write_vectored(&self) -> bool {
         self.0.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_usage_refusal;
+    use rcgen::{
+        CertificateParams, ExtendedKeyUsagePurpose as Eku, KeyPair, KeyUsagePurpose as Ku,
+    };
+
+    fn cert(ku: Vec<Ku>, eku: Vec<Eku>) -> Vec<u8> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.key_usages = ku;
+        p.extended_key_usages = eku;
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn usages_a_client_certificate_needs() {
+        assert_eq!(client_usage_refusal(&cert(vec![], vec![])), None);
+        assert_eq!(
+            client_usage_refusal(&cert(vec![], vec![Eku::ClientAuth])),
+            None
+        );
+        assert_eq!(
+            client_usage_refusal(&cert(
+                vec![Ku::DigitalSignature, Ku::KeyEncipherment],
+                vec![Eku::ClientAuth, Eku::ServerAuth]
+            )),
+            None
+        );
+        assert_eq!(client_usage_refusal(&cert(vec![], vec![Eku::Any])), None);
+        let no_sig = client_usage_refusal(&cert(vec![Ku::KeyEncipherment], vec![Eku::ClientAuth]));
+        assert!(no_sig.unwrap().contains("digitalSignature"));
+        let server_only = client_usage_refusal(&cert(vec![], vec![Eku::ServerAuth]));
+        assert!(server_only.unwrap().contains("clientAuth"));
+        assert!(client_usage_refusal(b"not a certificate").is_some());
     }
 }

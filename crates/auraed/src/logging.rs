@@ -5,6 +5,7 @@
 use std::{
     collections::VecDeque,
     fmt::Write as _,
+    io::IsTerminal,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -68,7 +69,13 @@ pub fn init(level: Level) -> Arc<LogBus> {
         .from_env_lossy();
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only for a person at a terminal, never in a
+                // file, a pipe or the journal.
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .with(BusLayer(bus.clone()))
         .try_init();
     bus
