@@ -167,18 +167,17 @@ impl Daemon {
         }
         // It could not clean up after itself.
         crate::floor::remove_tree(rel);
+        let cgroups = if exists {
+            " and its cgroups (removed)"
+        } else {
+            ""
+        };
         let what = format!(
-            "auraed (pid {}) {how}it left {left} processes in {} (killed){}; log:\n{}",
+            "auraed (pid {}) {how}it left {left} processes in {} (killed){cgroups}",
             self.pid(),
             self.cgroup_root,
-            if exists {
-                " and its cgroups (removed)"
-            } else {
-                ""
-            },
-            self.log()
         );
-        eprintln!("aurae-bench: {what}");
+        eprintln!("aurae-bench: {what}; log:\n{}", self.log());
         Some(what)
     }
 }

@@ -241,6 +241,19 @@ async fn main() -> ExitCode {
     if let Err(e) = &outcome {
         report.incomplete = Some(format!("{e:#}"));
     }
+    // The daemons log warnings and errors only. When something of ours
+    // failed, whatever they said goes to stderr (before the work dir, and
+    // the logs, are removed); otherwise only their errors.
+    let failed = outcome.is_err() || report.ours_failed();
+    for (name, tail) in daemon::logs(work.path(), 50) {
+        if failed {
+            eprintln!("aurae-bench: log of {name} (last 50 lines, warnings and errors):\n{tail}");
+        } else {
+            for l in tail.lines().filter(|l| l.contains("ERROR")) {
+                eprintln!("aurae-bench: {name}: {l}");
+            }
+        }
+    }
     print!("{}", report.table());
     let mut code = if outcome.is_ok() {
         ExitCode::SUCCESS

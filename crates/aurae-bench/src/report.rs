@@ -189,6 +189,21 @@ pub struct Report {
 }
 
 impl Report {
+    /// A row of ours could not be measured, stopped early, or saw output
+    /// lost or garbled.
+    pub fn ours_failed(&self) -> bool {
+        self.figures
+            .iter()
+            .flat_map(|f| &f.rows)
+            .filter(|r| r.kind == Kind::Ours)
+            .any(|r| {
+                r.stats.is_none()
+                    || r.note
+                        .as_deref()
+                        .is_some_and(|n| !n.starts_with("nothing lost"))
+            })
+    }
+
     pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         std::fs::write(path, text + "\n")

@@ -673,6 +673,18 @@ async fn load_cycles_leak_nothing() {
     // Warm-up: lazily made things (watchers, pools) exist before the
     // baseline is taken.
     run(1).await;
+    // The signal probe loads in the background (its maps and ring buffer
+    // are fds of the daemon): a signal stream answers once it is loaded.
+    {
+        let c = d.client().await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.observe().get_posix_signals_stream(
+                aurae_client::proto::observe::GetPosixSignalsStreamRequest { workload: None },
+            ),
+        )
+        .await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = usage(&d);
     let t = Instant::now();

@@ -113,6 +113,22 @@ async fn running_executables(client: &Client) -> anyhow::Result<BTreeMap<String,
     Ok(out)
 }
 
+/// Adds `note` to row `id` of `f` (a note on a row of ours marks the run
+/// as failed), or to the figure when there is no such row.
+fn flag(f: &mut Figure, id: &str, note: String) {
+    match f.rows.iter_mut().find(|r| r.id == id) {
+        Some(r) => {
+            r.note = Some(match r.note.take() {
+                Some(n) => format!("{n}; {note}"),
+                None => note,
+            });
+        }
+        None => {
+            f.note(note);
+        }
+    }
+}
+
 /// Is `pid` a shim (`aurae-shim`, or auraed re-executed as one)?
 fn is_shim(pid: i32) -> bool {
     procfs::comm(pid) == "aurae-shim" || procfs::cmdline(pid).contains(SHIM_ARG)
@@ -126,9 +142,8 @@ async fn wait_readopted(
     t0: Instant,
 ) -> Result<(f64, BTreeMap<String, Vec<i32>>), String> {
     let deadline = Instant::now() + READOPT_TIMEOUT;
-    let mut last = String::from("no List answered");
     loop {
-        match running_executables(client).await {
+        let last = match running_executables(client).await {
             Ok(got) => {
                 let t = ms(t0.elapsed());
                 let missing = want
@@ -138,14 +153,14 @@ async fn wait_readopted(
                 if missing == 0 {
                     return Ok((t, got));
                 }
-                last = format!(
+                format!(
                     "the last List showed {} cells, {missing} of the {} expected without a running executable",
                     got.len(),
                     want.len()
-                );
+                )
             }
-            Err(e) => last = format!("the last List failed: {e:#}"),
-        }
+            Err(e) => format!("the last List failed: {e:#}"),
+        };
         if Instant::now() > deadline {
             return Err(format!("not re-adopted within {READOPT_TIMEOUT:?}: {last}"));
         }
@@ -237,9 +252,6 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
     })
     .await;
     let build = t0.elapsed();
-    if let Some(e) = &err {
-        f.note(format!("only {made} of {n} cells could be made: {e:#}"));
-    }
     f.row(Row::measured(
         "allocate_start",
         "Allocate + Start sleep, per cell (4 concurrent)",
@@ -247,6 +259,13 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
         "ms",
         &[ms(build) / made.max(1) as f64],
     ));
+    if let Some(e) = &err {
+        flag(
+            &mut f,
+            "allocate_start",
+            format!("only {made} of {n} cells could be made: {e:#}"),
+        );
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let dpss = procfs::pss_kib(pid).unwrap_or(0);
     let drss = procfs::rss_kib(pid).unwrap_or(0);
@@ -269,14 +288,15 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
     shims.sort_unstable();
     shims.dedup();
     let not_shims = shims.iter().filter(|&&p| !is_shim(p)).count();
+    let mut shim_trouble = Vec::new();
     if workloads.len() != made {
-        f.note(format!(
+        shim_trouble.push(format!(
             "List showed {} cells with a running executable, {made} expected",
             workloads.len()
         ));
     }
     if not_shims > 0 || shims.len() != workloads.len() {
-        f.note(format!(
+        shim_trouble.push(format!(
             "{} executables have {} distinct parents, {not_shims} of them not aurae-shim",
             workloads.len(),
             shims.len()
@@ -349,6 +369,9 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
         "MiB",
         &[mib(wpss)],
     ));
+    for t in shim_trouble {
+        flag(&mut f, "cells_shims_pss", t);
+    }
 
     let mut list = Series::default();
     for _ in 0..ctx.settings.runs.clamp(5, 30) {
@@ -400,9 +423,11 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
                         .filter(|(c, p)| after.get(*c).is_none_or(|a| !a.contains(p)))
                         .count();
                     if moved > 0 {
-                        f.note(format!(
-                            "after the restart {moved} cells show another executable pid than before"
-                        ));
+                        flag(
+                            &mut f,
+                            "restart_list",
+                            format!("{moved} cells show another executable pid than before"),
+                        );
                     }
                 }
                 Err(why) => {
@@ -413,9 +438,9 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
                         "ms",
                         &why,
                     ));
-                    f.note(format!("daemon log after the restart:\n{}", d.log()));
                 }
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
             let rpss = procfs::pss_kib(d.pid()).unwrap_or(0);
             f.row(Row::measured(
                 "restart_daemon_pss",
@@ -452,21 +477,26 @@ pub async fn figure(ctx: &Ctx) -> anyhow::Result<Figure> {
             &[ms(t0.elapsed()) / freed.max(1) as f64],
         ));
         if let Some(e) = ferr {
-            f.note(format!("Free failed after {freed} cells: {e:#}"));
+            flag(
+                &mut f,
+                "free",
+                format!("Free failed after {freed} cells: {e:#}"),
+            );
         }
     }
     drop(client);
     if let Some(left) = d.stop() {
-        f.note(format!("stopping the daemon: {left}"));
+        flag(&mut f, "free", format!("stopping the daemon: {left}"));
     }
     let left = still_running(&procs).await;
     if !left.is_empty() {
-        f.note(format!(
+        let what = format!(
             "{} of the {} holders, shims and workloads still ran after Free and the daemon's exit (killed now): {:?}",
             left.len(),
             procs.len(),
             &left[..left.len().min(10)]
-        ));
+        );
+        flag(&mut f, "free", what);
         for &p in &left {
             crate::daemon::signal(p, libc::SIGKILL);
         }

@@ -4,6 +4,12 @@
 //! Rates are timed from the first received line to the end of the stream
 //! (the executable first sleeps 0.2 s so that the subscription is in place
 //! before it writes; start-up is figures 1-2).
+//!
+//! The daemon keeps `--output-cap` bytes per channel (the benchmark's
+//! daemon: 4 GiB, more than any load here writes); a reader that falls
+//! behind by more gets, in place of the lines it missed, one line
+//! `auraed: N stdout lines were rotated away …`: such a line is counted as
+//! N lost lines and the row says so instead of "nothing lost".
 
 use std::time::Instant;
 
@@ -26,6 +32,32 @@ struct Got {
     lines: u64,
     secs: f64,
     bad: Option<String>,
+    /// Lines the daemon said were rotated away, and its first such note.
+    lost: u64,
+    lost_note: Option<String>,
+}
+
+impl Got {
+    fn new() -> Got {
+        Got {
+            bytes: 0,
+            lines: 0,
+            secs: 0.0,
+            bad: None,
+            lost: 0,
+            lost_note: None,
+        }
+    }
+}
+
+/// N of the daemon's note `auraed: N <channel> lines were rotated away …`,
+/// sent in place of N lines a slow reader missed.
+fn rotated_away(line: &str) -> Option<u64> {
+    let (n, rest) = line.strip_prefix("auraed: ")?.split_once(' ')?;
+    let (_channel, rest) = rest.split_once(' ')?;
+    rest.starts_with("lines were rotated away")
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 enum Load {
@@ -50,7 +82,20 @@ impl Load {
     }
     fn check(&self, got: &mut Got) {
         let (b, l) = self.expected();
-        if got.bad.is_none() && (got.bytes != b || got.lines != l) {
+        if got.lost > 0 {
+            let also = got
+                .bad
+                .take()
+                .map(|b| format!("; also {b}"))
+                .unwrap_or_default();
+            got.bad = Some(format!(
+                "LOST: {} of {l} lines rotated away before the reader got to them; got {} lines / {} bytes; the daemon said: {:.120}{also}",
+                got.lost,
+                got.lines,
+                got.bytes,
+                got.lost_note.as_deref().unwrap_or_default()
+            ));
+        } else if got.bad.is_none() && (got.bytes != b || got.lines != l) {
             got.bad = Some(format!(
                 "LOST: expected {l} lines / {b} bytes, got {} / {}",
                 got.lines, got.bytes
@@ -78,26 +123,28 @@ async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str) -> anyhow::Result<Got> {
             .await
             .context("GetSubProcessStream")?
             .into_inner();
-        let mut got = Got {
-            bytes: 0,
-            lines: 0,
-            secs: 0.0,
-            bad: None,
-        };
+        let mut got = Got::new();
         let mut t0 = None;
         while let Some(m) = s.message().await.context("GetSubProcessStream")? {
             let t = *t0.get_or_insert_with(Instant::now);
             let line = m.item.map(|i| i.line).unwrap_or_default();
+            got.secs = t.elapsed().as_secs_f64();
+            if let Some(n) = rotated_away(&line) {
+                got.lost += n;
+                got.lost_note.get_or_insert(line);
+                continue;
+            }
             got.lines += 1;
             got.bytes += line.len() as u64 + 1;
+            // Line numbers count the lost lines too.
+            let no = got.lines + got.lost;
             let ok = match load {
                 Load::Bytes(_) => line.len() == LINE,
-                Load::Lines(_) => line.parse::<u64>().ok() == Some(got.lines),
+                Load::Lines(_) => line.parse::<u64>().ok() == Some(no),
             };
             if !ok && got.bad.is_none() {
-                got.bad = Some(format!("line {} differs: {:.60}", got.lines, line));
+                got.bad = Some(format!("line {no} differs: {line:.80}"));
             }
-            got.secs = t.elapsed().as_secs_f64();
         }
         load.check(&mut got);
         anyhow::Ok(got)
@@ -115,12 +162,7 @@ async fn via_pipe(mut cmd: tokio::process::Command, load: &Load) -> anyhow::Resu
         .context("spawn")?;
     let mut out = child.stdout.take().context("no stdout")?;
     let mut buf = vec![0u8; 256 << 10];
-    let mut got = Got {
-        bytes: 0,
-        lines: 0,
-        secs: 0.0,
-        bad: None,
-    };
+    let mut got = Got::new();
     let mut t0 = None;
     loop {
         let n = out.read(&mut buf).await.context("read stdout")?;
@@ -255,4 +297,42 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
         cells::free(&ctx.client, CELL).await?;
     }
     Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_the_daemons_rotation_note() {
+        assert_eq!(
+            rotated_away(
+                "auraed: 7340 stdout lines were rotated away before this reader got to them \
+                 (kept per channel: see --output-cap)"
+            ),
+            Some(7340)
+        );
+        assert_eq!(
+            rotated_away("auraed: x stdout lines were rotated away"),
+            None
+        );
+        assert_eq!(rotated_away("12345"), None);
+        assert_eq!(rotated_away(&"x".repeat(LINE)), None);
+    }
+
+    #[test]
+    fn a_loss_is_reported_even_when_the_counts_add_up() {
+        let load = Load::Lines(10);
+        let mut got = Got::new();
+        (got.lines, got.bytes, got.lost) = (7, 14, 3);
+        got.lost_note = Some("auraed: 3 stdout lines were rotated away".into());
+        load.check(&mut got);
+        let bad = got.bad.unwrap_or_default();
+        assert!(bad.starts_with("LOST: 3 of 10 lines"), "{bad}");
+
+        let mut clean = Got::new();
+        (clean.bytes, clean.lines) = load.expected();
+        load.check(&mut clean);
+        assert!(clean.bad.is_none());
+    }
 }
