@@ -388,10 +388,11 @@ where
                 }
             },
             // A daemon that restarts refuses connections (UNAVAILABLE) or
-            // breaks the one in use (UNKNOWN "transport error"); the
-            // channel reconnects on the next call.
+            // breaks the one in use (UNKNOWN "transport error", or
+            // CANCELLED when the connection goes mid-call); List is
+            // idempotent and the channel reconnects on the next call.
             Err(s)
-                if s.code() == tonic::Code::Unavailable
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
                     || (s.code() == tonic::Code::Unknown && s.message().contains("transport")) =>
             {
                 if !noted_unavailable {

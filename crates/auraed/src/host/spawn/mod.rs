@@ -80,8 +80,29 @@ pub struct Holder {
     /// cell's pid namespace) whose child the holder is.
     pub intermediate: Option<ProcId>,
     pub ns: Arc<NsSet>,
-    /// Readable once the holder has exited.
-    pidfd: OwnedFd,
+    /// Whether it still runs; shared with the cells nested in it.
+    pub life: Arc<HolderLife>,
+}
+
+/// A holder's liveness, answered from a pidfd (one poll, no /proc read:
+/// List asks it for every cell).
+#[derive(Debug)]
+pub struct HolderLife {
+    pub pid: ProcId,
+    /// Readable once the holder has exited; None if it was already gone
+    /// when the daemon looked.
+    pidfd: Option<OwnedFd>,
+}
+
+impl HolderLife {
+    pub fn is_alive(&self) -> bool {
+        self.pidfd.as_ref().is_some_and(|fd| !proc::has_exited(fd))
+    }
+
+    /// A holder recorded by an earlier run that is gone.
+    pub fn dead(pid: ProcId) -> Arc<Self> {
+        Arc::new(Self { pid, pidfd: None })
+    }
 }
 
 impl Holder {
@@ -97,7 +118,10 @@ impl Holder {
             pid: id,
             intermediate: intermediate.and_then(ProcId::of),
             ns,
-            pidfd,
+            life: Arc::new(HolderLife {
+                pid: id,
+                pidfd: Some(pidfd),
+            }),
         })
     }
 
@@ -111,23 +135,29 @@ impl Holder {
             pid,
             intermediate,
             ns: Arc::new(ns),
-            pidfd,
+            life: Arc::new(HolderLife {
+                pid,
+                pidfd: Some(pidfd),
+            }),
         })
     }
 
     /// Whether the holder still runs (its namespaces can take processes).
     pub fn is_alive(&self) -> bool {
-        !proc::has_exited(&self.pidfd)
+        self.life.is_alive()
     }
 
     /// SIGKILLs the holder (ending its pid namespace) and its intermediate,
     /// and waits, bounded, for the holder to be gone.
     pub async fn kill(self, timeout: std::time::Duration) -> bool {
-        let _ = proc::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
         if let Some(i) = self.intermediate {
             i.signal(libc::SIGKILL);
         }
-        tokio::time::timeout(timeout, proc::exited(self.pidfd))
+        let Some(fd) = self.life.pidfd.as_ref().and_then(|f| f.try_clone().ok()) else {
+            return true;
+        };
+        let _ = proc::pidfd_send_signal(&fd, libc::SIGKILL);
+        tokio::time::timeout(timeout, proc::exited(fd))
             .await
             .is_ok()
     }

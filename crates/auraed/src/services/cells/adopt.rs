@@ -20,7 +20,7 @@ use super::{
     state::{CellEntry, Cells, Context, REMOVE_TIMEOUT},
     validation::CellName,
 };
-use crate::host::spawn::Holder;
+use crate::host::spawn::{Holder, HolderLife};
 
 /// What start-up found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -113,13 +113,14 @@ impl Cells {
         let mut holder = None;
         let mut dead = false;
         if let Some(h) = r.holder {
-            ns_holders.push(h.pid);
             match Holder::adopt(h.pid, h.intermediate) {
                 Some(h) => {
                     ns = Some(h.ns.clone());
+                    ns_holders.push(h.life.clone());
                     holder = Some(h);
                 }
                 None => {
+                    ns_holders.push(HolderLife::dead(h.pid));
                     tracing::warn!(
                         "cell {name}: its holder (pid {}) is gone, and with it its namespaces; it cannot start executables until it is freed and allocated again",
                         h.pid.pid
@@ -128,7 +129,7 @@ impl Cells {
                 }
             }
         }
-        dead |= ns_holders.iter().any(|h| !h.is_running());
+        dead |= ns_holders.iter().any(|h| !h.is_alive());
         let spec: Cell = r.spec.to_cell(name.as_str());
         let procs_files = self.backend.procs_files(&name.components());
         self.insert_adopted(CellEntry {

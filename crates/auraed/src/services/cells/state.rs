@@ -24,7 +24,7 @@ use crate::host::{
     cgroup::{CgroupBackend, Limits},
     proc::ProcId,
     shim::{self, ShimSpec},
-    spawn::{self, Holder, HolderSpec, NsSet},
+    spawn::{self, Holder, HolderLife, HolderSpec, NsSet},
 };
 
 /// How long Free waits for a cell's cgroups to empty.
@@ -43,7 +43,7 @@ pub struct CellEntry {
     pub(super) holder: Mutex<Option<Holder>>,
     /// The holders whose namespaces its processes enter (its own and its
     /// isolated ancestors'): if one is gone, so are its namespaces.
-    pub(super) ns_holders: Vec<ProcId>,
+    pub(super) ns_holders: Vec<Arc<HolderLife>>,
     pub(super) execs: ExecTable,
     pub(super) procs_files: Vec<PathBuf>,
 }
@@ -51,7 +51,10 @@ pub struct CellEntry {
 impl CellEntry {
     /// The first holder whose namespaces this cell needs and that is gone.
     pub(super) fn dead_holder(&self) -> Option<ProcId> {
-        self.ns_holders.iter().copied().find(|h| !h.is_running())
+        self.ns_holders
+            .iter()
+            .find(|h| !h.is_alive())
+            .map(|h| h.pid)
     }
 }
 
@@ -277,7 +280,7 @@ impl Cells {
         spec: &Cell,
         limits: &Limits,
         parent_ns: Option<Arc<NsSet>>,
-        mut ns_holders: Vec<ProcId>,
+        mut ns_holders: Vec<Arc<HolderLife>>,
     ) -> Result<CellEntry, CellsError> {
         let t0 = std::time::Instant::now();
         let backend = self.backend.clone();
@@ -300,7 +303,7 @@ impl Cells {
             match spawn::spawn_holder(hs).await {
                 Ok(h) => {
                     ns = Some(h.ns.clone());
-                    ns_holders.push(h.pid);
+                    ns_holders.push(h.life.clone());
                     holder = Some(h);
                 }
                 Err(e) => {
