@@ -9,6 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 
+use aurae_client::proto::observe::{GetPosixSignalsStreamRequest, Workload, WorkloadType};
 use aurae_client::proto::vms::{
     vm_service_client::VmServiceClient, DriveMount, RootDrive, VirtualMachine,
     VmServiceCreateRequest, VmServiceFreeRequest, VmServiceListRequest,
@@ -195,4 +196,35 @@ async fn empty_free_frees_the_only_vm() {
     let freed = vms.free(empty()).await.expect("free the only VM");
     assert_eq!(freed.into_inner().vm_id, "b");
     assert!(ids(&mut vms).await.is_empty());
+}
+
+/// GetPosixSignalsStream of a VM workload relays the guest's own stream
+/// (tests/vm.rs checks a signal through it); without a running guest it
+/// says why.
+#[tokio::test]
+async fn vm_signal_streams_need_a_running_vm() {
+    let d = Daemon::start().await;
+    let client = d.client().await;
+    let mut vms = client.vms();
+    let f = files(&d);
+    let observe = client.observe();
+    let ask = |id: &str| {
+        let r = GetPosixSignalsStreamRequest {
+            workload: Some(Workload {
+                workload_type: WorkloadType::Vm as i32,
+                id: id.into(),
+            }),
+        };
+        let mut observe = observe.clone();
+        async move { observe.get_posix_signals_stream(r).await.map(|_| ()) }
+    };
+    let e = ask("nope").await.expect_err("unknown VM");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = ask("").await.expect_err("no id");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("workload.id"), "{e:?}");
+    create(&mut vms, machine(&f, "idle")).await.expect("create");
+    let e = ask("idle").await.expect_err("not running");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not running"), "{e:?}");
 }

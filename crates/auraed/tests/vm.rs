@@ -13,7 +13,8 @@
 //!   isolation, Free leaves no cgroup), and a clean power-off on Stop.
 //! - `stop_quits_a_guest_that_ignores_the_power_button`: a second guest,
 //!   defined through `Allocate` with upstream's newer messages (drive
-//!   mounts `read_only` = true and false, checked in the guest), whose ACPI
+//!   mounts `read_only` = true and false, checked in the guest; a SIGUSR1
+//!   in the guest seen on the host's WORKLOAD_TYPE_VM signal stream), whose ACPI
 //!   power button driver is unloaded (`rmmod button`), so nothing in it
 //!   hears QMP `system_powerdown`; Stop with a 3 s bound still ends in
 //!   time, by quitting QEMU.
@@ -44,7 +45,10 @@ use aurae_client::{
             CellServiceStartRequest, CpuController, CpusetController, Executable, MemoryController,
         },
         discovery::DiscoverRequest,
-        observe::{GetSubProcessStreamRequest, LogChannelType},
+        observe::{
+            GetPosixSignalsStreamRequest, GetSubProcessStreamRequest, LogChannelType, Workload,
+            WorkloadType,
+        },
         vms::{
             DriveMount, DriveMountV2, RootDrive, RootDriveV2, VirtualMachine, VirtualMachineV2,
             VmServiceAllocateRequest, VmServiceCreateRequest, VmServiceFreeRequest,
@@ -426,6 +430,45 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
 
 const DATA_HELLO: &str = "hello from a drive mount";
 
+/// GetPosixSignalsStream of the VM workload, asked of the host: the
+/// guest's own stream, relayed (guest pids).
+async fn guest_signals_are_relayed(d: &Daemon, guest: &Client, id: &str) {
+    let mut stream = d
+        .client()
+        .await
+        .observe()
+        .get_posix_signals_stream(GetPosixSignalsStreamRequest {
+            workload: Some(Workload {
+                workload_type: WorkloadType::Vm as i32,
+                id: id.into(),
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the VM's signal stream: {e:?}\nhost log:\n{}", d.log()))
+        .into_inner();
+    let out = guest_run(
+        guest,
+        None,
+        "signal",
+        "sleep 60 & p=$!; kill -USR1 $p; wait $p; echo pid=$p",
+    )
+    .await;
+    let pid: i32 = value(&out, "pid").parse().expect("a pid");
+    let t = Instant::now();
+    loop {
+        let item = tokio::time::timeout(STEP, stream.message())
+            .await
+            .expect("a signal within STEP")
+            .expect("the relayed stream")
+            .expect("the relayed stream ended");
+        let s = item.signal.expect("a signal");
+        if (s.signal, s.process_id) == (libc::SIGUSR1, pid) {
+            eprintln!("SIGUSR1 to guest pid {pid} relayed after {:?}", t.elapsed());
+            return;
+        }
+    }
+}
+
 /// In the guest: /data and /rw hold `hello`; /data is a read-only ext4
 /// mount that refuses a write, /rw a writable one that takes it.
 async fn check_drives(guest: &Client, console: &std::path::Path) {
@@ -768,6 +811,7 @@ async fn deaf_guest(g: &Guest, d: &Daemon, reaper: &QemuReaper) {
     let guest = Client::connect(&cfg).await.expect("connect to the guest");
     let console = d.dir.path().join("run/vms").join(&id).join("console.log");
     check_drives(&guest, &console).await;
+    guest_signals_are_relayed(d, &guest, &id).await;
     // Unload the ACPI button driver: the power button's input device goes,
     // and nothing in the guest hears the button any more.
     let out = guest_run(

@@ -76,6 +76,8 @@ struct Running {
 pub struct Vm {
     config: VmConfig,
     summary: Mutex<VirtualMachineSummary>,
+    /// How the node reaches the guest's auraed, while it runs.
+    guest: Mutex<Option<ClientConfig>>,
     run: tokio::sync::Mutex<Option<Running>>,
 }
 
@@ -145,10 +147,19 @@ impl Vms {
             Arc::new(Vm {
                 config,
                 summary: Mutex::new(summary),
+                guest: Mutex::new(None),
                 run: tokio::sync::Mutex::new(None),
             }),
         );
         Ok(id)
+    }
+
+    /// The client config (address, the node's identity for the guest) of
+    /// a running VM's auraed.
+    pub fn guest_client(&self, id: &str) -> Result<ClientConfig, VmsError> {
+        let vm = self.get(id)?;
+        let guest = vm.guest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        guest.ok_or_else(|| VmsError::Precondition(format!("vm {id:?} is not running")))
     }
 
     pub fn list(&self) -> Vec<VirtualMachineSummary> {
@@ -252,6 +263,7 @@ impl Vms {
         );
         *run = Some(running);
         vm.set("Running", &address);
+        *vm.guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
         Ok(address)
     }
 
@@ -320,6 +332,7 @@ impl Vms {
         let Some(r) = run.take() else {
             return Err(VmsError::Precondition(format!("vm {id:?} is not running")));
         };
+        vm.guest.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(e) = self.hv.powerdown(&r.dir).await {
             tracing::warn!("vm {id}: powerdown request failed: {e}");
         }
