@@ -80,6 +80,7 @@ impl From<crate::services::vms::VmsError> for tonic::Status {
             E::NotFound(_) => Code::NotFound,
             E::AlreadyExists(_) => Code::AlreadyExists,
             E::Precondition(_) => Code::FailedPrecondition,
+            E::Exhausted(_) => Code::ResourceExhausted,
             // A limit the cells refuse is the caller's sizing.
             E::Cells(
                 CellsError::Invalid(_)

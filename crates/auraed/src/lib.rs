@@ -150,7 +150,8 @@ pub async fn run(
                 cells.clone(),
                 signals,
                 token.child_token(),
-            ),
+            )
+            .with_vms(vms.clone()),
         ))
         .add_service(VmServiceServer::new(services::vms::VmServiceImpl::new(
             vms.clone(),

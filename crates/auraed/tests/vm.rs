@@ -5,15 +5,22 @@
 //! and the VM powers off on Stop. TCG is slow, so two boots in all:
 //!
 //! - `vm_boots_auraed_as_init_and_runs_v2_cells`: the VmService refusals,
-//!   then one guest for everything else: Discover through mTLS, a
-//!   read-only ext4 drive mount at /data (readable, not writable), the cells'
-//!   cgroup v2 backend on a real v2 kernel (every controller's limit in
+//!   then one guest for everything else: Discover through mTLS, ext4
+//!   drive mounts (the seed's is_writeable: /data read-only, /rw
+//!   writable), the cells' cgroup v2 backend on a real v2 kernel (every
+//!   controller's limit in
 //!   its v2 file, an OOM kill, cpu throttling, process and network
 //!   isolation, Free leaves no cgroup), and a clean power-off on Stop.
-//! - `stop_quits_a_guest_that_ignores_the_power_button`: a second guest
-//!   whose ACPI power button driver is unloaded (`rmmod button`), so
-//!   nothing in it hears QMP `system_powerdown`; Stop with a 3 s bound
-//!   still ends in time, by quitting QEMU.
+//! - `stop_quits_a_guest_that_ignores_the_power_button`: a second guest,
+//!   defined through `Allocate` with upstream's newer messages (drive
+//!   mounts `read_only` = true and false, checked in the guest; a SIGUSR1
+//!   in the guest seen on the host's WORKLOAD_TYPE_VM signal stream), whose ACPI
+//!   power button driver is unloaded (`rmmod button`), so nothing in it
+//!   hears QMP `system_powerdown`; Stop with a 3 s bound still ends in
+//!   time, by quitting QEMU.
+//! - `start_says_why_qemu_exited`: QEMU refuses a kernel file that is not a
+//!   kernel, and a drive image removed after Create; Start reports its exit
+//!   status and stderr (no guest boots).
 //!
 //! What the guest sees is read through its own auraed: each check is an
 //! executable whose stdout comes back over GetSubProcessStream. Every test
@@ -38,9 +45,13 @@ use aurae_client::{
             CellServiceStartRequest, CpuController, CpusetController, Executable, MemoryController,
         },
         discovery::DiscoverRequest,
-        observe::{GetSubProcessStreamRequest, LogChannelType},
+        observe::{
+            GetPosixSignalsStreamRequest, GetSubProcessStreamRequest, LogChannelType, Workload,
+            WorkloadType,
+        },
         vms::{
-            DriveMount, RootDrive, VirtualMachine, VmServiceCreateRequest, VmServiceFreeRequest,
+            DriveMount, DriveMountV2, RootDrive, RootDriveV2, VirtualMachine, VirtualMachineV2,
+            VmServiceAllocateRequest, VmServiceCreateRequest, VmServiceFreeRequest,
             VmServiceListRequest, VmServiceStartRequest, VmServiceStopRequest,
         },
     },
@@ -310,15 +321,25 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
     });
     assert_eq!(code_of(start_unknown.await).await, Code::NotFound);
 
-    // A small read-only ext4 image, mounted by the guest's init at /data.
-    let data = ext4_image(d);
+    // Two small ext4 images, mounted by the guest's init: /data read-only
+    // (the seed's is_writeable = false), /rw writable.
+    let data = ext4_image(d, "data");
+    let rw = ext4_image(d, "rw");
     let mut with_data = machine(g, &id);
-    with_data.drive_mounts = vec![DriveMount {
-        host_path: data.display().to_string(),
-        vm_path: "/data".into(),
-        fs_type: "ext4".into(),
-        is_writeable: false,
-    }];
+    with_data.drive_mounts = vec![
+        DriveMount {
+            host_path: data.display().to_string(),
+            vm_path: "/data".into(),
+            fs_type: "ext4".into(),
+            is_writeable: false,
+        },
+        DriveMount {
+            host_path: rw.display().to_string(),
+            vm_path: "/rw".into(),
+            fs_type: "ext4".into(),
+            is_writeable: true,
+        },
+    ];
     let created = vms
         .create(VmServiceCreateRequest {
             machine: Some(with_data),
@@ -377,26 +398,8 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
         console.display()
     );
 
-    // The drive mount: readable at /data, and read-only.
-    let out = guest_run(
-        &guest,
-        None,
-        "read-data",
-        "cat /data/hello; touch /data/x 2>/dev/null; echo touch_rc=$?; \
-         awk '$2==\"/data\"{print \"mount=\" $3 \",\" $4}' /proc/mounts",
-    )
-    .await;
-    assert_eq!(
-        out.first().map(String::as_str),
-        Some(DATA_HELLO),
-        "/data/hello in the guest: {out:?}\nconsole:\n{}",
-        std::fs::read_to_string(&console).unwrap_or_default()
-    );
-    assert_ne!(value(&out, "touch_rc"), "0", "/data is writable: {out:?}");
-    assert!(
-        value(&out, "mount").starts_with("ext4,ro"),
-        "/data is not a read-only ext4 mount: {out:?}"
-    );
+    // The drive mounts: /data read-only, /rw writable, as asked.
+    check_drives(&guest, &console).await;
 
     let t = Instant::now();
     v2_cells_in_the_guest(&guest).await;
@@ -427,12 +430,85 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
 
 const DATA_HELLO: &str = "hello from a drive mount";
 
-/// An 8 MiB ext4 image holding `hello`, in the test daemon's folder.
-fn ext4_image(d: &Daemon) -> PathBuf {
-    let content = d.dir.path().join("data-content");
+/// GetPosixSignalsStream of the VM workload, asked of the host: the
+/// guest's own stream, relayed (guest pids).
+async fn guest_signals_are_relayed(d: &Daemon, guest: &Client, id: &str) {
+    let mut stream = d
+        .client()
+        .await
+        .observe()
+        .get_posix_signals_stream(GetPosixSignalsStreamRequest {
+            workload: Some(Workload {
+                workload_type: WorkloadType::Vm as i32,
+                id: id.into(),
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the VM's signal stream: {e:?}\nhost log:\n{}", d.log()))
+        .into_inner();
+    let out = guest_run(
+        guest,
+        None,
+        "signal",
+        "sleep 60 & p=$!; kill -USR1 $p; wait $p; echo pid=$p",
+    )
+    .await;
+    let pid: i32 = value(&out, "pid").parse().expect("a pid");
+    let t = Instant::now();
+    loop {
+        let item = tokio::time::timeout(STEP, stream.message())
+            .await
+            .expect("a signal within STEP")
+            .expect("the relayed stream")
+            .expect("the relayed stream ended");
+        let s = item.signal.expect("a signal");
+        if (s.signal, s.process_id) == (libc::SIGUSR1, pid) {
+            eprintln!("SIGUSR1 to guest pid {pid} relayed after {:?}", t.elapsed());
+            return;
+        }
+    }
+}
+
+/// In the guest: /data and /rw hold `hello`; /data is a read-only ext4
+/// mount that refuses a write, /rw a writable one that takes it.
+async fn check_drives(guest: &Client, console: &std::path::Path) {
+    let out = guest_run(
+        guest,
+        None,
+        "check-drives",
+        "for m in data rw; do echo ${m}_hello=$(cat /$m/hello); \
+         touch /$m/x 2>/dev/null; echo ${m}_touch=$?; done; \
+         awk '$2==\"/data\"||$2==\"/rw\"{print \"mount\" $2 \"=\" $3 \",\" $4}' /proc/mounts",
+    )
+    .await;
+    let console = || std::fs::read_to_string(console).unwrap_or_default();
+    for m in ["data", "rw"] {
+        assert_eq!(
+            value(&out, &format!("{m}_hello")),
+            DATA_HELLO,
+            "/{m}/hello in the guest: {out:?}\nconsole:\n{}",
+            console()
+        );
+    }
+    assert_ne!(value(&out, "data_touch"), "0", "/data is writable: {out:?}");
+    assert!(
+        value(&out, "mount/data").starts_with("ext4,ro"),
+        "/data is not a read-only ext4 mount: {out:?}"
+    );
+    assert_eq!(value(&out, "rw_touch"), "0", "/rw is not writable: {out:?}");
+    assert!(
+        value(&out, "mount/rw").starts_with("ext4,rw"),
+        "/rw is not a writable ext4 mount: {out:?}"
+    );
+}
+
+/// An 8 MiB ext4 image `<name>.ext4` holding `hello`, in the test
+/// daemon's folder.
+fn ext4_image(d: &Daemon, name: &str) -> PathBuf {
+    let content = d.dir.path().join(format!("{name}-content"));
     std::fs::create_dir_all(&content).expect("mkdir data-content");
     std::fs::write(content.join("hello"), format!("{DATA_HELLO}\n")).expect("write hello");
-    let image = d.dir.path().join("data.ext4");
+    let image = d.dir.path().join(format!("{name}.ext4"));
     let out = std::process::Command::new("mkfs.ext4")
         .arg("-q")
         .arg("-d")
@@ -693,11 +769,35 @@ async fn stop_quits_a_guest_that_ignores_the_power_button() {
 async fn deaf_guest(g: &Guest, d: &Daemon, reaper: &QemuReaper) {
     let mut vms = d.client().await.vms();
     let id = common::unique("deaf");
-    vms.create(VmServiceCreateRequest {
-        machine: Some(machine(g, &id)),
-    })
-    .await
-    .expect("create");
+    // Defined as a newer upstream client does: Allocate, with read_only
+    // (the opposite of the seed's is_writeable, under the same numbers).
+    let drive = |name: &str, read_only: bool| DriveMountV2 {
+        image_path: ext4_image(d, name).display().to_string(),
+        vm_path: format!("/{name}"),
+        fs_type: "ext4".into(),
+        read_only,
+    };
+    let m = machine(g, &id);
+    let allocated = vms
+        .allocate(VmServiceAllocateRequest {
+            machine: Some(VirtualMachineV2 {
+                id: m.id,
+                mem_size_mb: m.mem_size_mb,
+                vcpu_count: m.vcpu_count,
+                kernel_img_path: m.kernel_img_path,
+                kernel_args: m.kernel_args,
+                root_drive: Some(RootDriveV2 {
+                    image_path: g.initrd.clone(),
+                    read_only: true,
+                }),
+                drive_mounts: vec![drive("data", true), drive("rw", false)],
+                auraed_address: String::new(),
+            }),
+        })
+        .await
+        .expect("allocate")
+        .into_inner();
+    assert_eq!(allocated.vm_id, id);
     let address = vms
         .start(VmServiceStartRequest { vm_id: id.clone() })
         .await
@@ -709,6 +809,9 @@ async fn deaf_guest(g: &Guest, d: &Daemon, reaper: &QemuReaper) {
     let mut cfg = d.client_config();
     cfg.system.socket = address;
     let guest = Client::connect(&cfg).await.expect("connect to the guest");
+    let console = d.dir.path().join("run/vms").join(&id).join("console.log");
+    check_drives(&guest, &console).await;
+    guest_signals_are_relayed(d, &guest, &id).await;
     // Unload the ACPI button driver: the power button's input device goes,
     // and nothing in the guest hears the button any more.
     let out = guest_run(
@@ -764,4 +867,73 @@ async fn deaf_guest(g: &Guest, d: &Daemon, reaper: &QemuReaper) {
     vms.free(VmServiceFreeRequest { vm_id: id })
         .await
         .expect("free");
+}
+
+/// A QEMU that exits at boot: Start says why (QEMU's exit status and the
+/// end of its stderr, also kept in `<runtime-dir>/vms/<id>/qemu.stderr`),
+/// and cleans up. No guest boots: QEMU refuses before running anything.
+#[tokio::test]
+async fn start_says_why_qemu_exited() {
+    let Some(g) = guest_image() else { return };
+    let d = Daemon::start_with(None, &["--qemu", &g.qemu, "--vm-accel", "tcg"]).await;
+    let reaper = QemuReaper::new(&d);
+    bounded("qemu exits", qemu_exits(&g, &d)).await;
+    assert!(reaper.pids().is_empty(), "a QEMU outlived a failed Start");
+}
+
+async fn qemu_exits(g: &Guest, d: &Daemon) {
+    let mut vms = d.client().await.vms();
+
+    // A kernel file that is not a kernel (with an initramfs).
+    let not_a_kernel = d.dir.path().join("not-a-kernel");
+    std::fs::write(&not_a_kernel, "this is not a bzImage\n").unwrap();
+    let mut m = machine(g, "notkernel");
+    m.kernel_img_path = not_a_kernel.display().to_string();
+    // A drive image that is gone by Start: QEMU cannot open it.
+    let gone = d.dir.path().join("gone.img");
+    std::fs::write(&gone, vec![0u8; 4096]).unwrap();
+    let mut m2 = machine(g, "nodrive");
+    m2.drive_mounts = vec![DriveMount {
+        host_path: gone.display().to_string(),
+        vm_path: "/data".into(),
+        fs_type: "ext4".into(),
+        is_writeable: false,
+    }];
+    for m in [m, m2] {
+        vms.create(VmServiceCreateRequest { machine: Some(m) })
+            .await
+            .expect("create");
+    }
+    std::fs::remove_file(&gone).unwrap();
+
+    for (id, says) in [
+        ("notkernel", "linux kernel too old to load a ram disk"),
+        ("nodrive", "Could not open"),
+    ] {
+        let t = Instant::now();
+        let e = vms
+            .start(VmServiceStartRequest { vm_id: id.into() })
+            .await
+            .expect_err("QEMU exits");
+        eprintln!(
+            "{id}: Start failed after {:?}: {}",
+            t.elapsed(),
+            e.message()
+        );
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        let msg = e.message();
+        assert!(msg.contains("qemu exit status: 1"), "{id}: {msg}");
+        assert!(msg.contains(says), "{id}: {msg}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{id}: {:?}",
+            t.elapsed()
+        );
+        let kept = d.dir.path().join("run/vms").join(id).join("qemu.stderr");
+        let kept = std::fs::read_to_string(&kept).unwrap_or_default();
+        assert!(kept.contains(says), "{id}: qemu.stderr: {kept:?}");
+        vms.free(VmServiceFreeRequest { vm_id: id.into() })
+            .await
+            .expect("free");
+    }
 }

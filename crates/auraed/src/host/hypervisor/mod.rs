@@ -75,6 +75,34 @@ pub fn mount_param(serial: &str, m: &GuestMount, writable: bool) -> String {
     format!("aurae.mount={serial}:{}:{}:{mode}", m.vm_path, m.fs_type)
 }
 
+/// The kernel's command line buffer on x86 (`COMMAND_LINE_SIZE`, with its
+/// terminating NUL): QEMU refuses a longer `-append` for a bzImage that
+/// says so, and an older kernel would cut it. Create checks the whole line
+/// ([`kernel_cmdline`]) against it.
+pub const KERNEL_CMDLINE_MAX: usize = 2048;
+
+/// The guest kernel's command line: the console, the root disk (if the
+/// root is not an initramfs), one `aurae.mount=` per drive mount, then the
+/// VM's own `kernel_args`.
+pub fn kernel_cmdline(
+    root: Option<&Drive>,
+    drives: &[Drive],
+    kernel_args: &[String],
+) -> Vec<String> {
+    let mut cmdline = vec!["console=ttyS0".to_owned(), "panic=-1".to_owned()];
+    if let Some(root) = root {
+        cmdline.push("root=/dev/vda".into());
+        cmdline.push(if root.writable { "rw" } else { "ro" }.into());
+    }
+    for (i, d) in drives.iter().enumerate() {
+        if let Some(m) = &d.mount {
+            cmdline.push(mount_param(&drive_serial(i), m, d.writable));
+        }
+    }
+    cmdline.extend(kernel_args.iter().cloned());
+    cmdline
+}
+
 /// Everything a backend needs to build a VM's command line.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {

@@ -14,7 +14,9 @@ use tokio::{
     net::UnixStream,
 };
 
-use super::{drive_serial, mount_param, Accel, BoxFuture, Hypervisor, HypervisorError, LaunchSpec};
+use super::{
+    drive_serial, kernel_cmdline, Accel, BoxFuture, Hypervisor, HypervisorError, LaunchSpec,
+};
 
 /// TCG's translation cache defaults to 1 GiB; a small guest needs far less
 /// and the VM's cgroup would count it.
@@ -92,17 +94,7 @@ impl Hypervisor for Qemu {
         if let Some(initrd) = &s.initrd {
             push(&["-initrd", &initrd.display().to_string()]);
         }
-        let mut cmdline = vec!["console=ttyS0".to_owned(), "panic=-1".to_owned()];
-        if let Some(root) = &s.root {
-            cmdline.push("root=/dev/vda".into());
-            cmdline.push(if root.writable { "rw" } else { "ro" }.into());
-        }
-        for (i, d) in s.drives.iter().enumerate() {
-            if let Some(m) = &d.mount {
-                cmdline.push(mount_param(&drive_serial(i), m, d.writable));
-            }
-        }
-        cmdline.extend(s.kernel_args.iter().cloned());
+        let cmdline = kernel_cmdline(s.root.as_ref(), &s.drives, &s.kernel_args);
         push(&["-append", &cmdline.join(" ")]);
         // Explicit devices, root first: with `-drive if=virtio` QEMU would
         // create them after every `-device`, and the guest would not find

@@ -30,6 +30,7 @@ use super::cells::{
     validation::Invalid,
     Cells,
 };
+use super::vms::Vms;
 use crate::{host::ebpf::SignalObserver, logging::LogBus};
 
 /// Items buffered between a producer and tonic, per stream.
@@ -93,6 +94,8 @@ impl SignalSource {
 pub struct ObserveServiceImpl {
     logs: Arc<LogBus>,
     cells: Arc<Cells>,
+    /// For the signals of VM workloads (relayed from the guest's auraed).
+    vms: Option<Arc<Vms>>,
     signals: SignalSource,
     shutdown: CancellationToken,
     streams: Arc<tokio::sync::Semaphore>,
@@ -108,10 +111,70 @@ impl ObserveServiceImpl {
         Self {
             logs,
             cells,
+            vms: None,
             signals,
             shutdown,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         }
+    }
+
+    /// Serves the signals of WORKLOAD_TYPE_VM workloads from these VMs.
+    pub fn with_vms(mut self, vms: Arc<Vms>) -> Self {
+        self.vms = Some(vms);
+        self
+    }
+}
+
+impl ObserveServiceImpl {
+    /// The guest's own signal stream (all of the guest's processes; pids
+    /// are the guest's), relayed: NOT_FOUND for an unknown VM,
+    /// FAILED_PRECONDITION when it is not running, UNAVAILABLE when its
+    /// auraed cannot give the stream.
+    async fn vm_signals(
+        &self,
+        id: &str,
+    ) -> Result<ItemStream<GetPosixSignalsStreamResponse>, ObserveError> {
+        let vms = self
+            .vms
+            .as_ref()
+            .ok_or_else(|| ObserveError::Unimplemented("this daemon serves no VMs".into()))?;
+        let config = vms.guest_client(id).map_err(|e| match e {
+            crate::services::vms::VmsError::NotFound(m) => ObserveError::NotFound(m),
+            e => ObserveError::Precondition(e.to_string()),
+        })?;
+        let unavailable =
+            |e: String| ObserveError::Unavailable(format!("vm {id:?}: the guest's auraed: {e}"));
+        let guest = aurae_client::Client::connect(&config)
+            .await
+            .map_err(|e| unavailable(aurae_client::error_chain(&e)))?;
+        let mut upstream = guest
+            .observe()
+            .get_posix_signals_stream(GetPosixSignalsStreamRequest { workload: None })
+            .await
+            .map_err(|s| unavailable(s.message().to_owned()))?
+            .into_inner();
+        spawn_stream(&self.shutdown, &self.streams, |tx| async move {
+            loop {
+                match upstream.message().await {
+                    Ok(Some(item)) => {
+                        if tx.send(Ok(item)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // The guest powered off or its daemon stopped.
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "the guest's signal stream ended: {}",
+                                s.message()
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -175,6 +238,8 @@ fn channel(value: i32) -> Result<Channel, Invalid> {
 enum Scope {
     Host,
     Cell(CellName),
+    /// A VM's guest: its own auraed's host-wide stream, relayed.
+    Vm(String),
 }
 
 fn scope(r: &GetPosixSignalsStreamRequest) -> Result<Scope, ObserveError> {
@@ -187,9 +252,12 @@ fn scope(r: &GetPosixSignalsStreamRequest) -> Result<Scope, ObserveError> {
         Ok(WorkloadType::PodSandbox) => Err(ObserveError::Unimplemented(
             "signals of POD_SANDBOX workloads are not supported yet; use WORKLOAD_TYPE_CELL".into(),
         )),
-        Ok(WorkloadType::Vm) => Err(ObserveError::Unimplemented(
-            "signals of VM workloads are not supported yet; use WORKLOAD_TYPE_CELL".into(),
-        )),
+        Ok(WorkloadType::Vm) if w.id.is_empty() => Err(Invalid {
+            field: "workload.id",
+            reason: "is required (the VM's id)".into(),
+        }
+        .into()),
+        Ok(WorkloadType::Vm) => Ok(Scope::Vm(w.id.clone())),
         Err(_) => Err(Invalid {
             field: "workload.workload_type",
             reason: format!("must be 0..=3, got {}", w.workload_type),
@@ -268,6 +336,9 @@ impl ObserveService for ObserveServiceImpl {
         request: Request<GetPosixSignalsStreamRequest>,
     ) -> Result<Response<Self::GetPosixSignalsStreamStream>, Status> {
         let scope = scope(request.get_ref())?;
+        if let Scope::Vm(id) = scope {
+            return Ok(Response::new(self.vm_signals(&id).await?));
+        }
         let observer = self
             .signals
             .get()
@@ -276,6 +347,7 @@ impl ObserveService for ObserveServiceImpl {
         let filter = match scope {
             Scope::Host => None,
             Scope::Cell(name) => Some(signals::CellFilter::new(self.cells.clone(), name)?),
+            Scope::Vm(_) => unreachable!("answered above"),
         };
         let live = observer.subscribe();
         Ok(Response::new(spawn_stream(
@@ -325,10 +397,8 @@ mod tests {
             scope(&req(2, "x")),
             Err(ObserveError::Unimplemented(_))
         ));
-        assert!(matches!(
-            scope(&req(3, "x")),
-            Err(ObserveError::Unimplemented(_))
-        ));
+        assert_eq!(scope(&req(3, "x")).ok(), Some(Scope::Vm("x".into())));
+        assert!(matches!(scope(&req(3, "")), Err(ObserveError::Invalid(_))));
         assert!(matches!(scope(&req(9, "x")), Err(ObserveError::Invalid(_))));
     }
 

@@ -22,9 +22,16 @@ use super::{
     VmsError,
 };
 use crate::{
-    host::hypervisor::{self, Accel, Hypervisor, LaunchSpec},
+    host::{
+        hypervisor::{self, Accel, Hypervisor, LaunchSpec},
+        shim::format::{self, ExitRecord},
+    },
     init::{FW_CFG_CA, FW_CFG_SERVER_CRT, FW_CFG_SERVER_KEY},
-    services::cells::{validation::CellName, Cells, Context, StartSpec},
+    services::cells::{
+        output::{Channel, OutputReader, OutputSource, ReadEvent},
+        validation::{CellName, Invalid},
+        Cells, Context, StartSpec,
+    },
 };
 
 /// The guest's auraed listens here (its init-mode default).
@@ -36,6 +43,16 @@ const CPU_PERIOD_US: u64 = 100_000;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long QEMU gets to exit after QMP `quit`.
 const QUIT_WAIT: Duration = Duration::from_secs(5);
+/// The VMM's stderr kept in the VM's folder after a failed boot.
+pub const VMM_STDERR: &str = "qemu.stderr";
+/// Lines of the console and of the VMM's stderr a boot failure quotes.
+const TAIL_LINES: usize = 15;
+/// How long a boot failure's report waits for the VMM's exit record and
+/// the end of its stderr.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+/// VMs defined on this node (created, running or stopped), at most:
+/// each keeps its definition in memory until Free.
+pub const MAX_VMS: usize = 64;
 /// The executable name of the hypervisor inside the VM's cell.
 const VMM_EXE: &str = "vmm";
 
@@ -59,6 +76,8 @@ struct Running {
 pub struct Vm {
     config: VmConfig,
     summary: Mutex<VirtualMachineSummary>,
+    /// How the node reaches the guest's auraed, while it runs.
+    guest: Mutex<Option<ClientConfig>>,
     run: tokio::sync::Mutex<Option<Running>>,
 }
 
@@ -107,6 +126,12 @@ impl Vms {
                 config.id
             )));
         }
+        if t.len() >= MAX_VMS {
+            return Err(VmsError::Exhausted(format!(
+                "this node has {} VMs defined, the most it keeps: free one first",
+                t.len()
+            )));
+        }
         let summary = VirtualMachineSummary {
             id: config.id.clone(),
             status: "Created".into(),
@@ -122,10 +147,19 @@ impl Vms {
             Arc::new(Vm {
                 config,
                 summary: Mutex::new(summary),
+                guest: Mutex::new(None),
                 run: tokio::sync::Mutex::new(None),
             }),
         );
         Ok(id)
+    }
+
+    /// The client config (address, the node's identity for the guest) of
+    /// a running VM's auraed.
+    pub fn guest_client(&self, id: &str) -> Result<ClientConfig, VmsError> {
+        let vm = self.get(id)?;
+        let guest = vm.guest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        guest.ok_or_else(|| VmsError::Precondition(format!("vm {id:?} is not running")))
     }
 
     pub fn list(&self) -> Vec<VirtualMachineSummary> {
@@ -218,11 +252,10 @@ impl Vms {
         let started = Instant::now();
         let running = Running { cell, pid, dir };
         if let Err(e) = wait_ready(&client, pid, self.settings.boot_timeout).await {
+            let vmm = self.vmm_report(pid, &running.dir).await;
             let console = console_tail(&running.dir);
             self.teardown(&running).await;
-            return Err(VmsError::Boot(format!(
-                "vm {id}: {e}; console ends with:\n{console}"
-            )));
+            return Err(VmsError::Boot(format!("vm {id}: {e}{vmm}\n{console}")));
         }
         tracing::info!(
             "vm {id}: auraed answers at {address} after {:.1}s",
@@ -230,7 +263,41 @@ impl Vms {
         );
         *run = Some(running);
         vm.set("Running", &address);
+        *vm.guest.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
         Ok(address)
+    }
+
+    /// Why a boot failed, as far as the VMM tells: how it ended (when it
+    /// did) and the end of its stderr, read from the files its shim keeps
+    /// (gone once the VM's cell is freed, so also copied to
+    /// `<dir>/qemu.stderr`).
+    async fn vmm_report(&self, pid: i32, dir: &std::path::Path) -> String {
+        let Some(src) = self.cells.outputs().get(pid) else {
+            return String::new();
+        };
+        let exited = !alive(pid);
+        let mut report = String::new();
+        if exited {
+            let exit = wait_exit_record(&src.dir).await;
+            let how = exit.map_or("exit status not recorded".to_owned(), |e| e.to_string());
+            report.push_str(&format!("; {} {how}", self.hv.name()));
+        }
+        let (lines, lost) = stderr_tail(&src, exited).await;
+        let _ = std::fs::write(dir.join(VMM_STDERR), lines.join("\n") + "\n");
+        if lines.is_empty() {
+            report.push_str("; its stderr is empty");
+        } else {
+            let skipped = if lost > 0 {
+                format!(" (after {lost} more lines)")
+            } else {
+                String::new()
+            };
+            report.push_str(&format!(
+                "; its stderr ends with{skipped}:\n{}",
+                lines.join("\n")
+            ));
+        }
+        report
     }
 
     async fn allocate_cell(&self, c: &VmConfig) -> Result<CellName, VmsError> {
@@ -265,6 +332,7 @@ impl Vms {
         let Some(r) = run.take() else {
             return Err(VmsError::Precondition(format!("vm {id:?} is not running")));
         };
+        vm.guest.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(e) = self.hv.powerdown(&r.dir).await {
             tracing::warn!("vm {id}: powerdown request failed: {e}");
         }
@@ -289,6 +357,28 @@ impl Vms {
         // Stops the VMM if it is still there (SIGTERM, SIGKILL).
         if let Err(e) = self.cells.free(&r.cell).await {
             tracing::warn!("cannot free cell {}: {e}", r.cell);
+        }
+    }
+
+    /// The id of the only VM defined, for a Free that names none (the
+    /// seed's VmServiceFreeRequest has no field); refused when there are
+    /// none or several.
+    pub fn only_vm(&self) -> Result<String, VmsError> {
+        let t = self.table();
+        let mut ids = t.keys();
+        match (ids.next(), ids.next()) {
+            (Some(id), None) => Ok(id.clone()),
+            (None, _) => Err(VmsError::Invalid(Invalid {
+                field: "vm_id",
+                reason: "is required (no VM is defined, so an empty vm_id names none)".into(),
+            })),
+            (Some(_), Some(_)) => Err(VmsError::Invalid(Invalid {
+                field: "vm_id",
+                reason: format!(
+                    "is required: {} VMs are defined, so an empty vm_id is ambiguous",
+                    t.len()
+                ),
+            })),
         }
     }
 
@@ -367,10 +457,66 @@ async fn wait_exit(pid: i32, timeout: Duration) -> bool {
     }
 }
 
+/// The end of the serial console, introduced.
 fn console_tail(dir: &std::path::Path) -> String {
     let text = std::fs::read_to_string(hypervisor::console_log(dir)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    if lines.is_empty() {
+        return "the serial console is empty (the guest printed nothing)".into();
+    }
+    format!(
+        "console ends with:\n{}",
+        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+    )
+}
+
+/// The exit the shim records once it has reaped the VMM (it does so a
+/// moment after the process is gone).
+async fn wait_exit_record(exec_dir: &std::path::Path) -> Option<ExitRecord> {
+    let deadline = Instant::now() + REPORT_WAIT;
+    loop {
+        if let Ok(Some(r)) = format::read_json::<ExitRecord>(&exec_dir.join(format::EXIT)) {
+            return Some(r);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last [`TAIL_LINES`] lines of an executable's stderr and how many
+/// came before them. An exited VMM's is read to its end (bounded by
+/// [`REPORT_WAIT`]); a live one's as far as it was written.
+async fn stderr_tail(src: &OutputSource, exited: bool) -> (Vec<String>, u64) {
+    let Ok(mut reader) = OutputReader::open(src, Channel::Stderr) else {
+        return (vec![], 0);
+    };
+    let deadline = Instant::now() + REPORT_WAIT;
+    let idle = if exited {
+        REPORT_WAIT
+    } else {
+        Duration::from_millis(200)
+    };
+    let mut tail = std::collections::VecDeque::new();
+    let mut before = 0u64;
+    loop {
+        let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, reader.next()).await {
+            Ok(Ok(ReadEvent::Lines(lines))) => {
+                for l in lines {
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                        before += 1;
+                    }
+                    tail.push_back(l.text);
+                }
+            }
+            Ok(Ok(ReadEvent::Lost(n))) => before += n,
+            Ok(Ok(ReadEvent::End) | Err(_)) | Err(_) => break,
+        }
+    }
+    (tail.into(), before)
 }
 
 /// A loopback port free right now (QEMU binds it a moment later).

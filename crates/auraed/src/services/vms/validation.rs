@@ -5,13 +5,62 @@ use std::path::{Path, PathBuf};
 use aurae_proto::vms::VirtualMachine;
 
 use crate::{
-    host::hypervisor::{Drive, GuestMount},
+    host::hypervisor::{kernel_cmdline, Drive, GuestMount, KERNEL_CMDLINE_MAX},
     services::cells::validation::{CellName, Invalid},
 };
 
 pub const MIN_MEM_MB: u32 = 64;
 /// VM ids become the cell `vm-<id>`; keep that within a component.
 pub const MAX_ID: usize = 60;
+/// Entries of `kernel_args`, at most. The whole command line is bounded
+/// too: [`KERNEL_CMDLINE_MAX`] bytes with its NUL.
+pub const MAX_KERNEL_ARGS: usize = 64;
+/// Drive mounts of one VM, at most: each is a virtio-blk PCI device on
+/// q35's root bus (32 slots, shared with the NIC and the chipset).
+pub const MAX_DRIVE_MOUNTS: usize = 16;
+/// Host paths (kernel, root, drives), at most: the kernel's PATH_MAX with
+/// its NUL.
+pub const MAX_HOST_PATH: usize = 4095;
+/// `fs_type` of a drive mount, at most (`ext4`, `xfs`, `squashfs`…).
+pub const MAX_FS_TYPE: usize = 32;
+
+/// What the host has, against which a VM's size is checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Host {
+    /// CPUs this process may use: the most vCPUs a VM gets.
+    pub cpus: u32,
+    /// MemTotal, in MiB: the most memory a VM gets.
+    pub mem_mb: u64,
+}
+
+impl Host {
+    /// This host, now: the CPUs this process may run on, /proc/meminfo's
+    /// MemTotal (unknown: no memory bound beyond the field's type).
+    pub fn current() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .ok()
+            .and_then(|n| u32::try_from(n.get()).ok())
+            .unwrap_or(1);
+        let mem_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| mem_total_mb(&t))
+            .unwrap_or(u64::MAX);
+        Self { cpus, mem_mb }
+    }
+}
+
+/// MemTotal of a /proc/meminfo text, in MiB.
+fn mem_total_mb(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
 
 /// How the guest gets its root filesystem.
 #[derive(Debug, Clone)]
@@ -42,7 +91,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
     }
 }
 
-pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> {
+pub fn validate(m: VirtualMachine, host: Host) -> Result<VmConfig, Invalid> {
     let id = if m.id.is_empty() {
         generated_id()
     } else {
@@ -51,7 +100,10 @@ pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> 
     if id.contains('/') || id.len() > MAX_ID {
         return Err(invalid(
             "machine.id",
-            format!("{id:?}: must be one name component of 1..={MAX_ID} characters"),
+            format!(
+                "{:?}: must be one name component of 1..={MAX_ID} characters",
+                clip(&id)
+            ),
         ));
     }
     CellName::parse("machine.id", &id)?;
@@ -61,12 +113,40 @@ pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> 
             format!("must be >= {MIN_MEM_MB}, got {}", m.mem_size_mb),
         ));
     }
+    if u64::from(m.mem_size_mb) > host.mem_mb {
+        return Err(invalid(
+            "machine.mem_size_mb",
+            format!(
+                "must be <= {} (this host's memory, MiB), got {}",
+                host.mem_mb, m.mem_size_mb
+            ),
+        ));
+    }
+    let host_cpus = host.cpus;
     if m.vcpu_count < 1 || m.vcpu_count > host_cpus {
         return Err(invalid(
             "machine.vcpu_count",
             format!(
                 "must be 1..={host_cpus} (this host's cpus), got {}",
                 m.vcpu_count
+            ),
+        ));
+    }
+    if m.kernel_args.len() > MAX_KERNEL_ARGS {
+        return Err(invalid(
+            "machine.kernel_args",
+            format!(
+                "at most {MAX_KERNEL_ARGS} entries, got {}",
+                m.kernel_args.len()
+            ),
+        ));
+    }
+    if m.drive_mounts.len() > MAX_DRIVE_MOUNTS {
+        return Err(invalid(
+            "machine.drive_mounts",
+            format!(
+                "at most {MAX_DRIVE_MOUNTS} entries, got {}",
+                m.drive_mounts.len()
             ),
         ));
     }
@@ -96,7 +176,23 @@ pub fn validate(m: VirtualMachine, host_cpus: u32) -> Result<VmConfig, Invalid> 
     if let Some(a) = m.kernel_args.iter().find(|a| a.contains(['\n', '\0'])) {
         return Err(invalid(
             "machine.kernel_args",
-            format!("{a:?}: must not contain newlines or NULs"),
+            format!("{:?}: must not contain newlines or NULs", clip(a)),
+        ));
+    }
+    let root_disk = match &root {
+        Root::Disk(d) => Some(d),
+        Root::Initramfs(_) => None,
+    };
+    let line = kernel_cmdline(root_disk, &drives, &m.kernel_args).join(" ");
+    if line.len() >= KERNEL_CMDLINE_MAX {
+        return Err(invalid(
+            "machine.kernel_args",
+            format!(
+                "the kernel command line would be {} bytes (with the console, root and \
+                 drive mount parameters the node adds); the kernel takes at most {}",
+                line.len(),
+                KERNEL_CMDLINE_MAX - 1
+            ),
         ));
     }
     Ok(VmConfig {
@@ -147,7 +243,7 @@ fn guest_mount(vm_path: &str, fs_type: &str) -> Result<Option<GuestMount>, Inval
     if vm_path.len() > MAX_VM_PATH {
         return Err(invalid(
             field,
-            format!("{vm_path:?}: longer than {MAX_VM_PATH} bytes"),
+            format!("{:?}: longer than {MAX_VM_PATH} bytes", clip(vm_path)),
         ));
     }
     let fs_type = if fs_type.is_empty() {
@@ -155,13 +251,17 @@ fn guest_mount(vm_path: &str, fs_type: &str) -> Result<Option<GuestMount>, Inval
     } else {
         fs_type
     };
-    if !fs_type
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    if fs_type.len() > MAX_FS_TYPE
+        || !fs_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         return Err(invalid(
             "machine.drive_mounts.fs_type",
-            format!("{fs_type:?}: must match [a-z0-9]+"),
+            format!(
+                "{:?}: must match [a-z0-9]{{1,{MAX_FS_TYPE}}}",
+                clip(fs_type)
+            ),
         ));
     }
     Ok(Some(GuestMount {
@@ -178,6 +278,16 @@ fn readable_file(field: &'static str, p: &str) -> Result<PathBuf, Invalid> {
     if p.is_empty() {
         return Err(invalid(field, "is required"));
     }
+    if p.len() > MAX_HOST_PATH {
+        return Err(invalid(
+            field,
+            format!(
+                "{:?}: longer than {MAX_HOST_PATH} bytes ({})",
+                clip(p),
+                p.len()
+            ),
+        ));
+    }
     let path = Path::new(p);
     if !path.is_absolute() {
         return Err(invalid(field, format!("{p:?}: must be an absolute path")));
@@ -186,6 +296,15 @@ fn readable_file(field: &'static str, p: &str) -> Result<PathBuf, Invalid> {
         Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => Ok(path.to_owned()),
         Ok(_) => Err(invalid(field, format!("{p:?}: not a regular file"))),
         Err(e) => Err(invalid(field, format!("{p:?}: cannot be read: {e}"))),
+    }
+}
+
+/// The start of a long value, for a message.
+fn clip(s: &str) -> String {
+    const SHOWN: usize = 64;
+    match s.char_indices().nth(SHOWN) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
     }
 }
 
@@ -233,8 +352,13 @@ mod tests {
         m
     }
 
+    const HOST: Host = Host {
+        cpus: 2,
+        mem_mb: 4096,
+    };
+
     fn field(m: VirtualMachine) -> &'static str {
-        validate(m, 2).unwrap_err().field
+        validate(m, HOST).unwrap_err().field
     }
 
     fn mount(vm_path: &str, fs_type: &str) -> DriveMount {
@@ -256,7 +380,7 @@ mod tests {
                     mount("", "ext4"),
                 ]
             }),
-            2,
+            HOST,
         )
         .unwrap();
         let mounts: Vec<_> = c.drives.iter().map(|d| d.mount.clone()).collect();
@@ -297,9 +421,101 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(validate(vm(|m| m.id.clear()), 2)
+        assert!(validate(vm(|m| m.id.clear()), HOST)
             .unwrap()
             .id
             .starts_with("vm-"));
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        // Memory: up to the host's, not a 4 PiB VM.
+        assert!(validate(vm(|m| m.mem_size_mb = 4096), HOST).is_ok());
+        assert_eq!(field(vm(|m| m.mem_size_mb = 4097)), "machine.mem_size_mb");
+        assert_eq!(
+            field(vm(|m| m.mem_size_mb = u32::MAX)),
+            "machine.mem_size_mb"
+        );
+        // Kernel arguments: a count, and the whole line within the
+        // kernel's buffer (with what the node adds).
+        let many = vec!["a".to_owned(); MAX_KERNEL_ARGS];
+        assert!(validate(vm(|m| m.kernel_args = many.clone()), HOST).is_ok());
+        let too_many = vec!["a".to_owned(); MAX_KERNEL_ARGS + 1];
+        assert_eq!(
+            field(vm(|m| m.kernel_args = too_many)),
+            "machine.kernel_args"
+        );
+        assert!(validate(vm(|m| m.kernel_args = vec!["x".repeat(1900)]), HOST).is_ok());
+        assert_eq!(
+            field(vm(|m| m.kernel_args = vec!["x".repeat(2040)])),
+            "machine.kernel_args"
+        );
+        let e = validate(vm(|m| m.kernel_args = vec!["x".repeat(3 << 20)]), HOST).unwrap_err();
+        assert_eq!(e.field, "machine.kernel_args");
+        assert!(e.reason.len() < 400, "{}", e.reason);
+        // Drive mount parameters count against the same line.
+        let long_mounts = (0..MAX_DRIVE_MOUNTS)
+            .map(|i| mount(&format!("/{}{i}", "d".repeat(200)), "ext4"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            field(vm(|m| m.drive_mounts = long_mounts)),
+            "machine.kernel_args"
+        );
+        // Drive mounts: a count.
+        let mounts = (0..=MAX_DRIVE_MOUNTS)
+            .map(|i| mount(&format!("/d{i}"), "ext4"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            field(vm(
+                |m| m.drive_mounts = mounts[..MAX_DRIVE_MOUNTS + 1].to_vec()
+            )),
+            "machine.drive_mounts"
+        );
+        assert!(validate(
+            vm(|m| m.drive_mounts = mounts[..MAX_DRIVE_MOUNTS].to_vec()),
+            HOST
+        )
+        .is_ok());
+        // Lengths: ids, host paths, fs types; messages stay short.
+        let e = validate(vm(|m| m.id = "a".repeat(1 << 20)), HOST).unwrap_err();
+        assert_eq!(e.field, "machine.id");
+        assert!(e.reason.len() < 400, "{}", e.reason);
+        let long_path = format!("/{}", "p".repeat(MAX_HOST_PATH));
+        assert_eq!(
+            field(vm(|m| m.kernel_img_path = long_path.clone())),
+            "machine.kernel_img_path"
+        );
+        assert_eq!(
+            field(vm(
+                |m| m.root_drive.as_mut().unwrap().host_path = long_path.clone()
+            )),
+            "machine.root_drive.host_path"
+        );
+        let mut d = mount("/data", "ext4");
+        d.host_path = long_path;
+        assert_eq!(
+            field(vm(|m| m.drive_mounts = vec![d])),
+            "machine.drive_mounts.host_path"
+        );
+        assert_eq!(
+            field(vm(
+                |m| m.drive_mounts = vec![mount("/data", &"x".repeat(33))]
+            )),
+            "machine.drive_mounts.fs_type"
+        );
+        assert_eq!(
+            field(vm(
+                |m| m.drive_mounts = vec![mount(&format!("/{}", "v".repeat(300)), "")]
+            )),
+            "machine.drive_mounts.vm_path"
+        );
+    }
+
+    #[test]
+    fn mem_total_is_read_in_mib() {
+        let meminfo = "MemTotal:       24570084 kB\nMemFree:        10960092 kB\n";
+        assert_eq!(mem_total_mb(meminfo), Some(23994));
+        assert_eq!(mem_total_mb("MemFree: 1 kB\n"), None);
+        assert!(Host::current().mem_mb > 0);
     }
 }
