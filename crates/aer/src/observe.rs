@@ -35,6 +35,9 @@ pub enum Command {
     },
 }
 
+/// Lines `aer observe output` asks for per message.
+const OUTPUT_LINES_PER_MESSAGE: u32 = 1024;
+
 pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Failure> {
     let mut observe = client.observe();
     let mut out = Printer::new(json_out);
@@ -61,14 +64,18 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Fa
                 .get_sub_process_stream(GetSubProcessStreamRequest {
                     channel_type: channel.into(),
                     process_id: pid,
+                    // Extension: many lines per message (a daemon without it
+                    // ignores the field and sends them one by one in `item`).
+                    max_lines_per_message: OUTPUT_LINES_PER_MESSAGE,
                 })
                 .await
                 .map_err(status)?
                 .into_inner();
             while let Some(r) = s.message().await.map_err(status)? {
-                if let Some(item) = r.item {
-                    out.log(&item)?;
+                for item in r.item.iter().chain(&r.items) {
+                    out.log_buffered(item)?;
                 }
+                out.flush()?;
             }
         }
         Command::Signals { cell } => {
@@ -95,32 +102,51 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Fa
 /// command quietly instead of panicking like `println!`.
 struct Printer {
     json: bool,
-    stdout: std::io::Stdout,
+    /// Buffered: a batch of lines is one write (flushed after each message).
+    stdout: std::io::BufWriter<std::io::Stdout>,
 }
 
 impl Printer {
     fn new(json: bool) -> Self {
         Self {
             json,
-            stdout: std::io::stdout(),
+            stdout: std::io::BufWriter::with_capacity(64 << 10, std::io::stdout()),
         }
     }
 
     fn write(&mut self, line: &str) -> Result<(), Failure> {
-        let mut o = self.stdout.lock();
-        match writeln!(o, "{line}").and_then(|()| o.flush()) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-            r => Ok(r?),
-        }
+        let o = &mut self.stdout;
+        let r = writeln!(o, "{line}").and_then(|()| o.flush());
+        Self::checked(r)
     }
 
     fn log(&mut self, item: &LogItem) -> Result<(), Failure> {
-        if self.json {
+        self.log_buffered(item)?;
+        self.flush()
+    }
+
+    /// Like [`Printer::log`], without flushing (call [`Printer::flush`]).
+    fn log_buffered(&mut self, item: &LogItem) -> Result<(), Failure> {
+        let o = &mut self.stdout;
+        let r = if self.json {
             let v =
                 json!({ "channel": item.channel, "line": item.line, "timestamp": item.timestamp });
-            self.write(&v.to_string())
+            writeln!(o, "{v}")
         } else {
-            self.write(&item.line)
+            writeln!(o, "{}", item.line)
+        };
+        Self::checked(r)
+    }
+
+    fn flush(&mut self) -> Result<(), Failure> {
+        let r = self.stdout.flush();
+        Self::checked(r)
+    }
+
+    fn checked(r: std::io::Result<()>) -> Result<(), Failure> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            r => Ok(r?),
         }
     }
 

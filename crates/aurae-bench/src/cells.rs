@@ -48,6 +48,7 @@ pub async fn probe_observe(client: &Client) -> Result<(), String> {
         .get_sub_process_stream(GetSubProcessStreamRequest {
             channel_type: LogChannelType::Stdout as i32,
             process_id: i32::MAX,
+            max_lines_per_message: 0,
         })
         .await;
     match r {
@@ -139,6 +140,7 @@ pub async fn wait_exit(client: &Client, mode: &ExitMode, pid: i32) -> anyhow::Re
             .get_sub_process_stream(GetSubProcessStreamRequest {
                 channel_type: LogChannelType::Stdout as i32,
                 process_id: pid,
+                max_lines_per_message: 0,
             })
             .await;
         if let Ok(resp) = r {

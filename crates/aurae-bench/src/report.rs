@@ -227,9 +227,17 @@ impl Report {
                 Better::Higher => "higher is better",
             };
             let _ = writeln!(s, "\n{} — {} ({better})", f.id, f.title);
+            // The label column: 60 wide, or as wide as the longest label.
+            let w = f
+                .rows
+                .iter()
+                .map(|r| r.label.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(60);
             let _ = writeln!(
                 s,
-                "  {:<60} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  ours÷row",
+                "  {:<w$} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  ours÷row",
                 "row", "unit", "n", "min", "p50", "p99", "max"
             );
             for r in &f.rows {
@@ -243,7 +251,7 @@ impl Report {
                     (Some(st), _) => {
                         let _ = writeln!(
                             s,
-                            "  {:<60} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  {ratio}",
+                            "  {:<w$} {:>9} {:>6} {:>10} {:>10} {:>10} {:>10}  {ratio}",
                             r.label,
                             r.unit,
                             st.n,
@@ -256,14 +264,14 @@ impl Report {
                     (None, why) => {
                         let _ = writeln!(
                             s,
-                            "  {:<60} not available: {}",
+                            "  {:<w$} not available: {}",
                             r.label,
                             why.as_deref().unwrap_or("unknown")
                         );
                     }
                 }
                 if let Some(n) = &r.note {
-                    let _ = writeln!(s, "  {:<60}   ({n})", "");
+                    let _ = writeln!(s, "  {:<w$}   ({n})", "");
                 }
             }
             for n in &f.notes {

@@ -92,6 +92,86 @@ async fn a_hundred_thousand_lines_arrive_once_in_order() {
     );
 }
 
+/// The batching extension (`max_lines_per_message = 100`): every line once,
+/// in order, at most N per message in `items`, `item` unset; a request
+/// without the field (an old client) still gets one line per message.
+#[tokio::test]
+async fn batched_output_carries_every_line_once_in_order() {
+    if !is_root() {
+        return skip(
+            "batched_output_carries_every_line_once_in_order",
+            "needs root",
+        );
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let gate = d.dir.path().join("gate");
+    let cmd = format!(
+        "while [ ! -e {g} ]; do sleep 0.01; done; seq 1 200000",
+        g = gate.display()
+    );
+    let pid = start(&c, None, &unique("seq"), &cmd).await;
+    let mut s = c
+        .observe()
+        .get_sub_process_stream(GetSubProcessStreamRequest {
+            max_lines_per_message: 1000,
+            ..output_req(pid, LogChannelType::Stdout)
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    std::fs::write(&gate, "").expect("open the gate");
+    let t = Instant::now();
+    let (mut n, mut msgs, mut most) = (0u32, 0u32, 0usize);
+    while let Some(r) = tokio::time::timeout(STEP, s.message())
+        .await
+        .expect("stalled")
+        .expect("stream error")
+    {
+        msgs += 1;
+        assert!(r.item.is_none(), "item set in a batched response");
+        assert!(!r.items.is_empty(), "an empty batched response");
+        assert!(
+            r.items.len() <= 1000,
+            "{} items in one message",
+            r.items.len()
+        );
+        most = most.max(r.items.len());
+        for i in r.items {
+            n += 1;
+            assert_eq!(i.line, n.to_string(), "line {n}");
+            assert_eq!(i.channel, "stdout");
+            assert!(i.timestamp > 1_600_000_000_000_000_000, "ns timestamp");
+        }
+    }
+    let took = t.elapsed();
+    eprintln!(
+        "200000 lines in {msgs} messages (at most {most} lines) in {took:?} ({:.0} lines/s)",
+        f64::from(n) / took.as_secs_f64()
+    );
+    assert_eq!(n, 200_000);
+    assert!(msgs < 200_000 / 2, "{msgs} messages: not batched");
+
+    // An old-style request (field absent): one line per message, in `item`.
+    let mut s = c
+        .observe()
+        .get_sub_process_stream(output_req(pid, LogChannelType::Stdout))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut n = 0u32;
+    while let Some(r) = tokio::time::timeout(STEP, s.message())
+        .await
+        .expect("stalled")
+        .expect("stream error")
+    {
+        n += 1;
+        assert!(r.items.is_empty(), "items in an unbatched response");
+        assert_eq!(r.item.expect("item").line, n.to_string(), "line {n}");
+    }
+    assert_eq!(n, 200_000);
+}
+
 #[tokio::test]
 async fn long_lines_are_split_and_invalid_utf8_is_replaced() {
     if !is_root() {
@@ -217,6 +297,7 @@ async fn output_stream_errors() {
             .get_sub_process_stream(GetSubProcessStreamRequest {
                 channel_type: bad,
                 process_id: pid,
+                max_lines_per_message: 0,
             })
             .await;
         let e = r.map(|_| ()).expect_err("bad channel");

@@ -226,6 +226,7 @@ async fn guest_run(guest: &Client, cell: Option<&str>, name: &str, script: &str)
         .get_sub_process_stream(GetSubProcessStreamRequest {
             channel_type: LogChannelType::Stdout as i32,
             process_id: pid,
+            max_lines_per_message: 0,
         })
         .await
         .unwrap_or_else(|e| panic!("{name}'s output: {e:?}"))

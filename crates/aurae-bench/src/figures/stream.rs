@@ -108,8 +108,14 @@ fn digits(k: u64) -> u64 {
     k.checked_ilog10().map_or(1, |d| u64::from(d) + 1)
 }
 
-/// Through auraed: Start in a cell, then GetSubProcessStream(stdout).
-async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str) -> anyhow::Result<Got> {
+/// Lines per message the batched auraed row asks for
+/// (`max_lines_per_message`, an API extension).
+const BATCH: u32 = 1024;
+
+/// Through auraed: Start in a cell, then GetSubProcessStream(stdout), with
+/// `max_lines_per_message` = `batch` (0: the field absent, one line per
+/// message as upstream).
+async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str, batch: u32) -> anyhow::Result<Got> {
     let cmd = format!("sleep 0.2; {}", load.command());
     let pid = cells::start(&ctx.client, CELL, exe, &cmd).await?;
     let r = async {
@@ -119,6 +125,7 @@ async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str) -> anyhow::Result<Got> {
             .get_sub_process_stream(GetSubProcessStreamRequest {
                 channel_type: LogChannelType::Stdout as i32,
                 process_id: pid,
+                max_lines_per_message: batch,
             })
             .await
             .context("GetSubProcessStream")?
@@ -127,23 +134,30 @@ async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str) -> anyhow::Result<Got> {
         let mut t0 = None;
         while let Some(m) = s.message().await.context("GetSubProcessStream")? {
             let t = *t0.get_or_insert_with(Instant::now);
-            let line = m.item.map(|i| i.line).unwrap_or_default();
             got.secs = t.elapsed().as_secs_f64();
-            if let Some(n) = rotated_away(&line) {
-                got.lost += n;
-                got.lost_note.get_or_insert(line);
-                continue;
+            if batch > 1 && m.item.is_some() && got.bad.is_none() {
+                got.bad = Some("a batched response has `item` set".into());
             }
-            got.lines += 1;
-            got.bytes += line.len() as u64 + 1;
-            // Line numbers count the lost lines too.
-            let no = got.lines + got.lost;
-            let ok = match load {
-                Load::Bytes(_) => line.len() == LINE,
-                Load::Lines(_) => line.parse::<u64>().ok() == Some(no),
-            };
-            if !ok && got.bad.is_none() {
-                got.bad = Some(format!("line {no} differs: {line:.80}"));
+            // One line per message: `item` (an empty line if unset, as
+            // before); batched: the lines in `items`.
+            let one = (batch <= 1).then(|| m.item.map(|i| i.line).unwrap_or_default());
+            for line in one.into_iter().chain(m.items.into_iter().map(|i| i.line)) {
+                if let Some(n) = rotated_away(&line) {
+                    got.lost += n;
+                    got.lost_note.get_or_insert(line);
+                    continue;
+                }
+                got.lines += 1;
+                got.bytes += line.len() as u64 + 1;
+                // Line numbers count the lost lines too.
+                let no = got.lines + got.lost;
+                let ok = match load {
+                    Load::Bytes(_) => line.len() == LINE,
+                    Load::Lines(_) => line.parse::<u64>().ok() == Some(no),
+                };
+                if !ok && got.bad.is_none() {
+                    got.bad = Some(format!("line {no} differs: {line:.80}"));
+                }
             }
         }
         load.check(&mut got);
@@ -218,30 +232,29 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             Load::Bytes(_) => g.bytes as f64 / 1e6 / g.secs.max(1e-9),
             Load::Lines(_) => g.lines as f64 / g.secs.max(1e-9),
         };
-        let mut notes: Vec<Option<String>> = vec![None; 2 + ctx.runtimes.len()];
-        let mut series: Vec<Series> = vec![
-            match &cell_ok {
-                Ok(()) => Series::default(),
-                Err(e) => Series::failed(e.clone()),
-            },
-            Series::default(),
-        ];
+        let mut notes: Vec<Option<String>> = vec![None; 3 + ctx.runtimes.len()];
+        let ours = || match &cell_ok {
+            Ok(()) => Series::default(),
+            Err(e) => Series::failed(e.clone()),
+        };
+        let mut series: Vec<Series> = vec![ours(), ours(), Series::default()];
         series.extend(ctx.oci_series());
         for run in 0..s.stream_runs {
-            let (head, tail) = series.split_at_mut(1);
-            head[0]
-                .sample(|| async {
-                    let g = via_auraed(ctx, load, &format!("s{li}r{run}")).await?;
-                    notes[0] = g.bad.clone().or(notes[0].take());
+            let (head, tail) = series.split_at_mut(2);
+            for (k, (ser, batch)) in head.iter_mut().zip([0, BATCH]).enumerate() {
+                ser.sample(|| async {
+                    let g = via_auraed(ctx, load, &format!("s{li}r{run}b{k}"), batch).await?;
+                    notes[k] = g.bad.clone().or(notes[k].take());
                     Ok(rate(&g))
                 })
                 .await;
+            }
             let mut local = tokio::process::Command::new("/bin/sh");
             local.arg("-c").arg(load.command());
             tail[0]
                 .sample(|| async {
                     let g = via_pipe(local, load).await?;
-                    notes[1] = g.bad.clone().or(notes[1].take());
+                    notes[2] = g.bad.clone().or(notes[2].take());
                     Ok(rate(&g))
                 })
                 .await;
@@ -252,7 +265,7 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
                             o.bundle(&format!("stream{li}"), &["/bin/sh", "-c", &load.command()])?;
                         let (cmd, _) = o.run_command(&b, false);
                         let g = via_pipe(cmd, load).await?;
-                        notes[2 + i] = g.bad.clone().or(notes[2 + i].take());
+                        notes[3 + i] = g.bad.clone().or(notes[3 + i].take());
                         Ok(rate(&g))
                     })
                     .await;
@@ -264,6 +277,12 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             it.next().unwrap_or_default().row(
                 &format!("auraed_{what}"),
                 "auraed: GetSubProcessStream(stdout)",
+                Kind::Ours,
+                unit,
+            ),
+            it.next().unwrap_or_default().row(
+                &format!("auraed_batched_{what}"),
+                &format!("auraed: GetSubProcessStream, batched (max_lines_per_message={BATCH})"),
                 Kind::Ours,
                 unit,
             ),

@@ -82,6 +82,7 @@ pub fn output_req(pid: i32, channel: LogChannelType) -> GetSubProcessStreamReque
     GetSubProcessStreamRequest {
         channel_type: channel.into(),
         process_id: pid,
+        max_lines_per_message: 0,
     }
 }
 

@@ -292,6 +292,7 @@ impl ObserveService for ObserveServiceImpl {
     ) -> Result<Response<Self::GetSubProcessStreamStream>, Status> {
         let r = request.into_inner();
         let channel = channel(r.channel_type).map_err(ObserveError::from)?;
+        let max_lines = subprocess::lines_per_message(r.max_lines_per_message);
         if r.process_id <= 0 {
             return Err(ObserveError::from(Invalid {
                 field: "process_id",
@@ -327,7 +328,7 @@ impl ObserveService for ObserveServiceImpl {
         Ok(Response::new(spawn_stream(
             &self.shutdown,
             &self.streams,
-            |tx| subprocess::produce(reader, channel, tx),
+            |tx| subprocess::produce(reader, channel, max_lines, tx),
         )?))
     }
 
