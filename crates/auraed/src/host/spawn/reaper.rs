@@ -61,16 +61,7 @@ pub fn spawn_owned(cmd: &mut Command) -> io::Result<Child> {
 
 /// (state, ppid, start time) of a process.
 fn stat(pid: i32) -> Option<(char, i32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: parse after the
-    // last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    // Field 22 overall is the 20th after the command name.
-    let start = fields.nth(17)?.parse().ok()?;
-    Some((state, ppid, start))
+    crate::host::proc::stat(pid).map(|s| (s.state, s.ppid, s.start))
 }
 
 /// Reaps every zombie child that no waiter owns; forgets owned entries
