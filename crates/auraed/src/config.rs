@@ -110,9 +110,27 @@ pub struct Config {
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     pub output_cap: u64,
 
+    /// Authorization policy (TOML): which client certificate identities
+    /// may call which methods on which cells (README "Authorization").
+    /// Without it every certificate signed by the CA may do everything.
+    /// Reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    pub authz_policy: Option<PathBuf>,
+
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands: tools that run instead of the daemon.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// The node's PKI.
+    #[command(subcommand)]
+    Pki(crate::authz::issue::PkiCommand),
 }
 
 impl Config {

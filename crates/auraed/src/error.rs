@@ -11,6 +11,8 @@ pub enum DaemonError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Policy(#[from] crate::authz::PolicyError),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(tonic_reflection::server::Error),
     #[error("cannot set up cgroups: {0}")]

@@ -8,6 +8,7 @@
 //! Layout: `services/` turns gRPC into domain calls (one module per
 //! service); `host/` is the kernel-facing code and never imports tonic.
 
+pub mod authz;
 pub mod config;
 mod decode_status;
 pub mod error;
@@ -57,6 +58,8 @@ pub async fn run(
             tracing::debug!("open-file limit raised from {old} to {new}");
         }
     }
+    // Before anything else: a policy that does not parse stops start-up.
+    let authz = Arc::new(authz::Authorizer::new(config.authz_policy.as_deref())?);
     pki::ensure(&config)?;
     let tls = listener::tls_config(&config)?;
     let target = Target::parse(&config.socket);
@@ -133,10 +136,15 @@ pub async fn run(
         .build_v1alpha()
         .map_err(DaemonError::Reflection)?;
 
+    if authz.path().is_some() {
+        tokio::spawn(authz::reload_on_sighup(authz.clone(), token.clone()));
+    }
+
     let inflight = inflight::InFlight::default();
     let router = Server::builder()
         .layer(inflight.clone())
         .layer(decode_status::DecodeStatusLayer)
+        .layer(authz::AuthzLayer(authz.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

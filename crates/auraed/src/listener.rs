@@ -30,7 +30,10 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::{
+    authz::{Peer, PeerIdentity},
+    config::Config,
+};
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,7 +230,8 @@ impl Listener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(TlsConn(tls))).await;
+                            let peer = peer_identity(&tls);
+                            let _ = tx.send(Ok(TlsConn(tls, peer))).await;
                         }
                         Ok(Err(e)) => {
                             tracing::info!("refused a connection: TLS handshake failed: {e}")
@@ -289,12 +293,21 @@ async fn bind_unix(path: &Path) -> Result<Listener, ListenError> {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A connection that passed mutual TLS.
-pub struct TlsConn(TlsStream<Box<dyn Io>>);
+/// A connection that passed mutual TLS, and who is on the other end
+/// (parsed once per connection; every request of it gets a copy).
+pub struct TlsConn(TlsStream<Box<dyn Io>>, Peer);
+
+/// The names in the client's verified certificate (for authorization).
+fn peer_identity(tls: &TlsStream<Box<dyn Io>>) -> Peer {
+    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    Peer(cert.map(|der| Arc::new(PeerIdentity::from_der(der))))
+}
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.1.clone()
+    }
 }
 
 impl AsyncRead for TlsConn {

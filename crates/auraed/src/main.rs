@@ -34,6 +34,9 @@ fn main() -> std::process::ExitCode {
     } else {
         auraed::Config::parse()
     };
+    if let Some(auraed::config::Command::Pki(cmd)) = &config.command {
+        return auraed::authz::issue::main(cmd);
+    }
     let init = pid1 || config.init;
     if init && config.socket == auraed::config::DEFAULT_SOCKET {
         config.socket = auraed::config::DEFAULT_INIT_LISTEN.to_owned();

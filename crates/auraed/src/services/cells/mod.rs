@@ -19,7 +19,10 @@ use aurae_proto::cells::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::host::{cgroup::CgroupError, spawn::SpawnError};
+use crate::{
+    authz::{self, methods, Target},
+    host::{cgroup::CgroupError, spawn::SpawnError},
+};
 pub use adopt::Adopted;
 pub use state::{Cells, Context, StartSpec};
 use validation::{CellName, Invalid};
@@ -69,12 +72,40 @@ fn context(cell_name: Option<String>) -> Result<Context, CellsError> {
     })
 }
 
+/// What a policy rule must cover for `context`.
+pub fn target(context: &Context) -> Target<'_> {
+    match context {
+        Context::Host => Target::Host,
+        Context::Cell(c) => Target::Cell(c),
+    }
+}
+
+/// The cells of `nodes` that `visible` keeps; a kept cell under one that
+/// is not takes that one's place (its full name says where it is).
+fn visible_only(
+    nodes: Vec<aurae_proto::cells::CellGraphNode>,
+    visible: &dyn Fn(&str) -> bool,
+) -> Vec<aurae_proto::cells::CellGraphNode> {
+    let mut out = Vec::new();
+    for mut node in nodes {
+        let children = visible_only(std::mem::take(&mut node.children), visible);
+        if node.cell.as_ref().is_some_and(|c| visible(&c.name)) {
+            node.children = children;
+            out.push(node);
+        } else {
+            out.extend(children);
+        }
+    }
+    out
+}
+
 #[tonic::async_trait]
 impl CellService for CellServiceImpl {
     async fn allocate(
         &self,
         request: Request<CellServiceAllocateRequest>,
     ) -> Result<Response<CellServiceAllocateResponse>, Status> {
+        let caller = authz::caller(&request)?;
         let cell = request.into_inner().cell.ok_or_else(|| {
             CellsError::Invalid(Invalid {
                 field: "cell",
@@ -82,6 +113,7 @@ impl CellService for CellServiceImpl {
             })
         })?;
         let name = CellName::parse("cell.name", &cell.name)?;
+        caller.check(methods::CELL_ALLOCATE, Target::Cell(&name), None)?;
         let limits = validation::limits(&cell)?;
         self.cells.allocate(name.clone(), cell, limits).await?;
         Ok(Response::new(CellServiceAllocateResponse {
@@ -94,7 +126,9 @@ impl CellService for CellServiceImpl {
         &self,
         request: Request<CellServiceFreeRequest>,
     ) -> Result<Response<CellServiceFreeResponse>, Status> {
+        let caller = authz::caller(&request)?;
         let name = CellName::parse("cell_name", &request.into_inner().cell_name)?;
+        caller.check(methods::CELL_FREE, Target::Cell(&name), None)?;
         self.cells.free(&name).await?;
         Ok(Response::new(CellServiceFreeResponse {}))
     }
@@ -103,8 +137,10 @@ impl CellService for CellServiceImpl {
         &self,
         request: Request<CellServiceStartRequest>,
     ) -> Result<Response<CellServiceStartResponse>, Status> {
+        let caller = authz::caller(&request)?;
         let r = request.into_inner();
         let ctx = context(r.cell_name)?;
+        caller.check(methods::CELL_START, target(&ctx), None)?;
         let exe = r.executable.ok_or_else(|| {
             CellsError::Invalid(Invalid {
                 field: "executable",
@@ -132,8 +168,10 @@ impl CellService for CellServiceImpl {
         &self,
         request: Request<CellServiceStopRequest>,
     ) -> Result<Response<CellServiceStopResponse>, Status> {
+        let caller = authz::caller(&request)?;
         let r = request.into_inner();
         let ctx = context(r.cell_name)?;
+        caller.check(methods::CELL_STOP, target(&ctx), None)?;
         let name = validation::executable_name("executable_name", &r.executable_name)?;
         self.cells.stop(ctx, &name).await?;
         Ok(Response::new(CellServiceStopResponse {}))
@@ -141,11 +179,69 @@ impl CellService for CellServiceImpl {
 
     async fn list(
         &self,
-        _: Request<CellServiceListRequest>,
+        request: Request<CellServiceListRequest>,
     ) -> Result<Response<CellServiceListResponse>, Status> {
+        let caller = authz::caller(&request)?;
+        let mut cells = self.cells.list();
+        if !caller.unrestricted(methods::CELL_LIST) {
+            cells = visible_only(cells, &|name| {
+                CellName::parse("cell.name", name)
+                    .is_ok_and(|n| caller.may(methods::CELL_LIST, Target::Cell(&n)))
+            });
+        }
+        let host_executables = if caller.may(methods::CELL_LIST, Target::Host) {
+            self.cells.host_executables()
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(CellServiceListResponse {
-            cells: self.cells.list(),
-            host_executables: self.cells.host_executables(),
+            cells,
+            host_executables,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aurae_proto::cells::{Cell, CellGraphNode};
+
+    fn node(name: &str, children: Vec<CellGraphNode>) -> CellGraphNode {
+        CellGraphNode {
+            cell: Some(Cell {
+                name: name.into(),
+                ..Default::default()
+            }),
+            children,
+            ..Default::default()
+        }
+    }
+
+    fn names(nodes: &[CellGraphNode]) -> Vec<String> {
+        nodes
+            .iter()
+            .map(|n| {
+                let c = names(&n.children);
+                let name = n.cell.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+                if c.is_empty() {
+                    name
+                } else {
+                    format!("{name}({})", c.join(","))
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn list_keeps_visible_cells_and_lifts_them_over_hidden_parents() {
+        let forest = vec![
+            node("a", vec![node("a/x", vec![node("a/x/y", vec![])])]),
+            node("b", vec![node("b/x", vec![])]),
+            node("c", vec![]),
+        ];
+        let kept = super::visible_only(forest.clone(), &|n| n.starts_with('a'));
+        assert_eq!(names(&kept), ["a(a/x(a/x/y))"]);
+        let kept = super::visible_only(forest.clone(), &|n| n.ends_with("/x") || n == "c");
+        assert_eq!(names(&kept), ["a/x", "b/x", "c"]);
+        assert!(super::visible_only(forest, &|_| false).is_empty());
     }
 }

@@ -508,6 +508,31 @@ impl Cells {
         Ok(())
     }
 
+    /// Where the executable with host pid `pid` runs: `Some(Context::Host)`
+    /// for one started outside cells, None for a pid of no executable.
+    pub fn owner_of(&self, pid: i32) -> Option<Context> {
+        if self.host.all().iter().any(|e| e.pid == pid) {
+            return Some(Context::Host);
+        }
+        let cells: Vec<Arc<CellEntry>> = self
+            .table()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(e) | Slot::Freeing(e) => Some(e.clone()),
+                Slot::Allocating => None,
+            })
+            .collect();
+        cells
+            .into_iter()
+            .find(|c| c.execs.all().iter().any(|e| e.pid == pid))
+            .map(|c| Context::Cell(c.name.clone()))
+    }
+
+    /// Names of every cell (any state).
+    pub fn names(&self) -> Vec<CellName> {
+        self.table().keys().cloned().collect()
+    }
+
     /// The executables of the host context.
     pub fn host_executables(&self) -> Vec<ExecutableStatus> {
         self.host.all().iter().map(|e| e.status()).collect()

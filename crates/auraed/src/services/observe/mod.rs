@@ -31,7 +31,11 @@ use super::cells::{
     Cells,
 };
 use super::vms::Vms;
-use crate::{host::ebpf::SignalObserver, logging::LogBus};
+use crate::{
+    authz::{self, methods, Target},
+    host::ebpf::SignalObserver,
+    logging::LogBus,
+};
 
 /// Items buffered between a producer and tonic, per stream.
 const STREAM_CAPACITY: usize = 128;
@@ -290,6 +294,7 @@ impl ObserveService for ObserveServiceImpl {
         &self,
         request: Request<GetSubProcessStreamRequest>,
     ) -> Result<Response<Self::GetSubProcessStreamStream>, Status> {
+        let caller = authz::caller(&request)?;
         let r = request.into_inner();
         let channel = channel(r.channel_type).map_err(ObserveError::from)?;
         let max_lines = subprocess::lines_per_message(r.max_lines_per_message);
@@ -300,6 +305,19 @@ impl ObserveService for ObserveServiceImpl {
             })
             .into());
         }
+        // By the cell the pid is in; a host executable and a pid of no
+        // executable need the host. The message names the pid only: which
+        // cell it is in is not the caller's business.
+        let owner = self.cells.owner_of(r.process_id);
+        let target = match &owner {
+            Some(ctx) => super::cells::target(ctx),
+            None => Target::Host,
+        };
+        caller.check(
+            methods::OBSERVE_OUTPUT,
+            target,
+            Some(&format!("pid {}", r.process_id)),
+        )?;
         let not_found = || {
             ObserveError::NotFound(format!(
                 "no executable with pid {} (never started by this daemon, or stopped)",
@@ -336,19 +354,42 @@ impl ObserveService for ObserveServiceImpl {
         &self,
         request: Request<GetPosixSignalsStreamRequest>,
     ) -> Result<Response<Self::GetPosixSignalsStreamStream>, Status> {
+        let caller = authz::caller(&request)?;
         let scope = scope(request.get_ref())?;
+        const SIGNALS: &str = methods::OBSERVE_SIGNALS;
+        match &scope {
+            Scope::Host => caller.check(SIGNALS, Target::Host, None)?,
+            Scope::Cell(name) => caller.check(SIGNALS, Target::Cell(name), None)?,
+            // A guest's signals are the whole guest's: the host's business.
+            Scope::Vm(id) => caller.check(
+                SIGNALS,
+                Target::Host,
+                Some(&format!("vm {id:?} (needs the host context)")),
+            )?,
+        }
         if let Scope::Vm(id) = scope {
             return Ok(Response::new(self.vm_signals(&id).await?));
         }
+        // Only the cells the caller may see, unless that is every cell.
+        let visible = (!caller.unrestricted(SIGNALS)).then(|| -> signals::Visible {
+            Arc::new(move |c| caller.may(SIGNALS, Target::Cell(c)))
+        });
         let observer = self
             .signals
             .get()
             .await
             .map_err(ObserveError::Unavailable)?;
-        let filter = match scope {
-            Scope::Host => None,
-            Scope::Cell(name) => Some(signals::CellFilter::new(self.cells.clone(), name)?),
-            Scope::Vm(_) => unreachable!("answered above"),
+        let filter = match (scope, visible) {
+            (Scope::Host, None) => None,
+            (Scope::Host, Some(v)) => Some(signals::CellFilter::host_wide(self.cells.clone(), v)?),
+            (Scope::Cell(name), v) => {
+                let f = signals::CellFilter::new(self.cells.clone(), name)?;
+                Some(match v {
+                    Some(v) => f.only(v),
+                    None => f,
+                })
+            }
+            (Scope::Vm(_), _) => unreachable!("answered above"),
         };
         let live = observer.subscribe();
         Ok(Response::new(spawn_stream(

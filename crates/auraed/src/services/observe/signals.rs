@@ -39,40 +39,85 @@ const FREED_GRACE: Duration = Duration::from_millis(300);
 
 type Tx = mpsc::Sender<Result<GetPosixSignalsStreamResponse, Status>>;
 
+/// Which cells' signals a stream may show (the caller's policy).
+pub(super) type Visible = Arc<dyn Fn(&CellName) -> bool + Send + Sync>;
+
 pub(super) struct CellFilter {
     cells: Arc<Cells>,
-    root: CellName,
+    /// The cell whose subtree the stream follows; None: the whole host
+    /// (events of processes in no cell pass too).
+    root: Option<CellName>,
+    /// None: every cell of the subtree.
+    visible: Option<Visible>,
     /// `_exec` inode per cell of the subtree (None: not found yet).
     known: HashMap<CellName, Option<u64>>,
-    ids: HashSet<u64>,
+    /// Inode -> whether its events pass, for every cell seen so far. Kept
+    /// when the cell goes (ids are never reused): late events of a freed
+    /// cell must not pass for the host's.
+    ids: HashMap<u64, bool>,
     misses: HashSet<u64>,
 }
 
 impl CellFilter {
     pub(super) fn new(cells: Arc<Cells>, root: CellName) -> Result<Self, ObserveError> {
-        if cells.backend().unified_dir(&root.components()).is_none() {
+        let mut f = Self::build(cells, Some(root), None)?;
+        if !f.refresh() {
+            let root = f.root.take().map(|r| r.to_string()).unwrap_or_default();
+            return Err(ObserveError::NotFound(format!("cell {root} not found")));
+        }
+        Ok(f)
+    }
+
+    /// The host-wide stream of a caller who may not see every cell: the
+    /// host's processes and those of the cells `visible` keeps.
+    pub(super) fn host_wide(cells: Arc<Cells>, visible: Visible) -> Result<Self, ObserveError> {
+        let mut f = Self::build(cells, None, Some(visible))?;
+        f.refresh();
+        Ok(f)
+    }
+
+    /// Shows only the cells of the subtree that `visible` keeps.
+    pub(super) fn only(mut self, visible: Visible) -> Self {
+        self.visible = Some(visible);
+        self.ids.clear();
+        self.known.clear();
+        self.refresh();
+        self
+    }
+
+    fn build(
+        cells: Arc<Cells>,
+        root: Option<CellName>,
+        visible: Option<Visible>,
+    ) -> Result<Self, ObserveError> {
+        // Any cell's name asks whether there is a unified tree at all.
+        let components = root
+            .as_ref()
+            .map_or_else(|| vec!["any"], CellName::components);
+        if cells.backend().unified_dir(&components).is_none() {
             return Err(ObserveError::Precondition(
                 "signals of a cell need a cgroup2 (unified) hierarchy, which this host lacks"
                     .into(),
             ));
         }
-        let mut f = Self {
+        Ok(Self {
             cells,
             root,
+            visible,
             known: HashMap::new(),
-            ids: HashSet::new(),
+            ids: HashMap::new(),
             misses: HashSet::new(),
-        };
-        if !f.refresh() {
-            return Err(ObserveError::NotFound(format!("cell {} not found", f.root)));
-        }
-        Ok(f)
+        })
     }
 
     /// Re-reads the subtree; false if the cell itself is gone.
     fn refresh(&mut self) -> bool {
-        let Some(names) = self.cells.subtree(&self.root) else {
-            return false;
+        let names = match &self.root {
+            Some(root) => match self.cells.subtree(root) {
+                Some(names) => names,
+                None => return false,
+            },
+            None => self.cells.names(),
         };
         let backend = self.cells.backend();
         let mut known = HashMap::with_capacity(names.len());
@@ -85,33 +130,40 @@ impl CellFilter {
                     .and_then(|d| std::fs::metadata(d).ok())
                     .map(|m| m.ino()),
             };
+            if let Some(ino) = ino {
+                let pass = self.visible.as_ref().is_none_or(|v| v(&name));
+                self.ids.insert(ino, pass);
+            }
             known.insert(name, ino);
         }
-        self.ids = known.values().flatten().copied().collect();
         self.known = known;
         true
     }
 
     fn matches(&mut self, cgroup_id: u64) -> bool {
-        if self.ids.contains(&cgroup_id) {
-            return true;
+        // Not a cell's: the host's, which only a host-wide stream shows.
+        let other = self.root.is_none();
+        if let Some(pass) = self.ids.get(&cgroup_id) {
+            return *pass;
         }
         if self.misses.contains(&cgroup_id) {
-            return false;
+            return other;
         }
         self.refresh();
-        if self.ids.contains(&cgroup_id) {
-            return true;
+        if let Some(pass) = self.ids.get(&cgroup_id) {
+            return *pass;
         }
         if self.misses.len() >= MAX_MISSES {
             self.misses.clear();
         }
         self.misses.insert(cgroup_id);
-        false
+        other
     }
 
     fn cell_exists(&self) -> bool {
-        self.cells.subtree(&self.root).is_some()
+        self.root
+            .as_ref()
+            .is_none_or(|r| self.cells.subtree(r).is_some())
     }
 }
 
