@@ -137,7 +137,7 @@ pub async fn run(
         .map_err(DaemonError::Reflection)?;
 
     if authz.path().is_some() {
-        tokio::spawn(authz::reload_on_sighup(authz.clone(), token.clone()));
+        authz::reload_on_sighup(&authz, token.clone());
     }
 
     let inflight = inflight::InFlight::default();

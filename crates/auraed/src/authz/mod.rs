@@ -93,29 +93,36 @@ impl Authorizer {
     }
 }
 
-/// Reloads the policy on every SIGHUP until `stop`.
-pub async fn reload_on_sighup(authz: Arc<Authorizer>, stop: tokio_util::sync::CancellationToken) {
+/// Reloads the policy on every SIGHUP until `stop`. The handler is in place
+/// when this returns (a SIGHUP before it would kill the daemon).
+pub fn reload_on_sighup(authz: &Arc<Authorizer>, stop: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install a SIGHUP handler: the policy cannot be reloaded");
-        return;
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!("cannot install a SIGHUP handler ({e}): the policy cannot be reloaded");
+            return;
+        }
     };
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = hup.recv() => {}
+    let authz = authz.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            match authz.reload() {
+                Ok(()) => tracing::info!(
+                    "SIGHUP: reloaded the authorization policy {}",
+                    authz
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+                Err(e) => tracing::error!("SIGHUP: {e}; the previous policy stays in force"),
+            }
         }
-        match authz.reload() {
-            Ok(()) => tracing::info!(
-                "SIGHUP: reloaded the authorization policy {}",
-                authz
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            ),
-            Err(e) => tracing::error!("SIGHUP: {e}; the previous policy stays in force"),
-        }
-    }
+    });
 }
 
 /// Who calls, and the policy (one version for the whole request).

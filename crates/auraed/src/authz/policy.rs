@@ -179,7 +179,7 @@ impl Policy {
         };
         let doc: FileDoc = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            invalid(&span, e.message().trim_end().to_owned())
+            invalid(&span, e.message().trim_end().replace('\n', ": "))
         })?;
         let file = path.file_name().map_or_else(
             || path.display().to_string(),
