@@ -493,7 +493,7 @@ async fn no_policy_means_everything_is_allowed() {
     allocate(&c, &cell, false).await;
     let pid = start(&c, Some(&cell), "job", "echo hi; exec sleep 300").await;
     assert_eq!(first_line(&c, pid).await, "hi");
-    assert_eq!(cell_names(&c).await, [cell.clone()]);
+    assert_eq!(cell_names(&c).await, std::slice::from_ref(&cell));
     let pid = start(&c, None, "host-job", "echo host; exec sleep 300").await;
     assert_eq!(first_line(&c, pid).await, "host");
     stop(&c, None, "host-job").await;
