@@ -110,6 +110,13 @@ pub struct Config {
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     pub output_cap: u64,
 
+    /// Serve Prometheus metrics (cells' cgroup stats under cAdvisor's names,
+    /// the daemon's gRPC calls) at http://ADDR/metrics, plain HTTP without
+    /// authentication: keep it on loopback or a private network, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
