@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
@@ -159,6 +159,13 @@ const SERIES: &[Series] = &[
     },
 ];
 
+fn put(kind: MetricType, v: f64, e: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(v).encode(e),
+        _ => ConstGauge::new(v).encode(e),
+    }
+}
+
 fn encode_one(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -167,14 +174,16 @@ fn encode_one(
     samples: &[(Vec<(&'static str, String)>, f64)],
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, v) in samples {
-        let e = family.encode_family(labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(*v).encode(e)?,
-            _ => ConstGauge::new(*v).encode(e)?,
+    match samples {
+        // One sample without labels: the family's own (no empty `{}`).
+        [(labels, v)] if labels.is_empty() => put(kind, *v, family),
+        _ => {
+            for (labels, v) in samples {
+                put(kind, *v, family.encode_family(labels)?)?;
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 impl Collector for CellCollector {
