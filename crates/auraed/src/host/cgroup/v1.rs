@@ -24,6 +24,8 @@ use super::{
 pub(super) const CONTROLLERS: [&str; 7] = [
     "cpu", "cpuset", "memory", "pids", "freezer", "cpuacct", "blkio",
 ];
+/// Controllers only `stats` reads (no limit of ours is written there).
+const STATS_ONLY: [&str; 2] = ["cpuacct", "blkio"];
 
 /// One mounted v1 hierarchy and the controllers of ours it carries (e.g. "cpu" when mounted
 /// as "cpu,cpuacct", or several when co-mounted).
@@ -260,6 +262,12 @@ impl CgroupBackend for V1Backend {
             let Some(dir) = h.tree.cell_dir(path) else {
                 return Vec::new();
             };
+            // A cell re-adopted from a daemon that did not use the
+            // stats-only hierarchies has no directory there: it still
+            // starts, with those stats absent.
+            if h.controllers.iter().all(|c| STATS_ONLY.contains(c)) && !dir.is_dir() {
+                continue;
+            }
             files.push(dir.join("cgroup.procs"));
         }
         if let Some(dir) = self.unified_dir(path) {
