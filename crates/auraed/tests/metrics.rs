@@ -31,9 +31,13 @@ use std::{
 };
 
 use aurae_client::{
-    proto::cells::{
-        Cell, CellServiceAllocateRequest, CellServiceFreeRequest, CellServiceStartRequest,
-        CellServiceStatsRequest, CellStats, CpuController, Executable, MemoryController,
+    proto::{
+        cells::{
+            Cell, CellServiceAllocateRequest, CellServiceFreeRequest, CellServiceListRequest,
+            CellServiceStartRequest, CellServiceStatsRequest, CellStats, CpuController, Executable,
+            MemoryController,
+        },
+        observe::{GetSubProcessStreamRequest, LogChannelType},
     },
     Client,
 };
@@ -102,6 +106,22 @@ async fn stats(c: &Client, name: &str, recursive: bool) -> Result<Vec<CellStats>
         })
         .await
         .map(|r| r.into_inner().cells)
+}
+
+/// The host pid of the cell's only executable.
+async fn text_pid(c: &Client, cell: &str) -> i32 {
+    let r = c
+        .cells()
+        .list(CellServiceListRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let node = r
+        .cells
+        .iter()
+        .find(|n| n.cell.as_ref().is_some_and(|x| x.name == cell))
+        .expect("the cell in List");
+    node.executables.first().expect("its executable").pid
 }
 
 async fn one(c: &Client, name: &str) -> CellStats {
@@ -398,6 +418,54 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
         !text.contains(&format!("container_threads_max{cell}")),
         "{text}"
     );
+    // An open server stream is counted open; once the client drops it, it
+    // is closed and handled as Canceled.
+    let busy_pid = text_pid(&c, &name).await;
+    let mut stream = c
+        .observe()
+        .get_sub_process_stream(GetSubProcessStreamRequest {
+            channel_type: LogChannelType::Stdout as i32,
+            process_id: busy_pid,
+            ..Default::default()
+        })
+        .await
+        .expect("open an output stream")
+        .into_inner();
+    let sub = r#"{grpc_service="aurae.observe.v0.ObserveService",grpc_method="GetSubProcessStream",grpc_type="server_stream""#;
+    let scrape = |addr: String| async move {
+        tokio::task::spawn_blocking(move || http_get(&addr, "/metrics", None).2)
+            .await
+            .expect("scrape")
+    };
+    let open = scrape(addr.clone()).await;
+    assert!(
+        open.contains(&format!("grpc_server_open_calls{sub}}} 1")),
+        "{open}"
+    );
+    // Nothing printed yet; the stream stays open until dropped.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err()
+    );
+    drop(stream);
+    let closed = format!("grpc_server_handled_total{sub},grpc_code=\"Canceled\"}} 1");
+    eventually(
+        "the dropped stream to be counted",
+        Duration::from_secs(10),
+        || {
+            let a = addr.clone();
+            let closed = closed.clone();
+            let sub = sub.to_owned();
+            async move {
+                let t = scrape(a).await;
+                (t.contains(&closed) && t.contains(&format!("grpc_server_open_calls{sub}}} 0")))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
     let (_, ctype, om) = http_get(&addr, "/metrics", Some("application/openmetrics-text"));
     assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
     assert!(om.ends_with("# EOF\n"), "{om}");
