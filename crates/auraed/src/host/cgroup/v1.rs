@@ -639,6 +639,16 @@ mod tests {
             "8:0 Read 4096\n8:0 Write 512\n8:0 Total 4608\nTotal 4608\n",
         );
         let s = b.stats(&["s"]).expect("stats");
+        // Joined in every hierarchy, the stats-only ones included...
+        let files = b.procs_files(&["s"]);
+        assert!(
+            files.contains(&t.join("cpuacct/aurae/s/cgroup.procs")),
+            "{files:?}"
+        );
+        assert!(
+            files.contains(&t.join("blkio/aurae/s/cgroup.procs")),
+            "{files:?}"
+        );
         let hz = clock_ticks();
         assert_eq!(s.cpu_usage_ns, Some(3_000_000_000));
         assert_eq!(s.cpu_user_ns, Some(200 * (1_000_000_000 / hz)));
@@ -656,6 +666,16 @@ mod tests {
         assert_eq!((s.pids_current, s.pids_limit), (Some(3), None));
         assert_eq!((s.io_read_bytes, s.io_write_bytes), (Some(4096), Some(512)));
         assert_eq!((s.io_read_ops, s.io_write_ops), (None, None), "no file");
+        // ...but a cell made by a daemon that did not use them (re-adopted
+        // after an upgrade) still starts, without joining them.
+        fs::remove_dir_all(t.join("blkio/aurae/s")).expect("rm");
+        let files = b.procs_files(&["s"]);
+        assert_eq!(
+            files.len(),
+            6,
+            "cpu cpuset memory pids cpuacct + mirror: {files:?}"
+        );
+        assert_eq!(b.stats(&["s"]).expect("stats").io_read_bytes, None);
         b.remove(&["s"], Duration::ZERO).expect("remove");
         let err = b.stats(&["s"]).expect_err("gone");
         assert!(
