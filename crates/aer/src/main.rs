@@ -5,8 +5,10 @@ mod cell;
 mod discovery;
 mod health;
 mod observe;
-mod stats;
 mod vm;
+
+/// `aer cell stats` and `aer top`.
+mod stats;
 
 use std::{path::PathBuf, process::ExitCode};
 

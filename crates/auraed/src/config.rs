@@ -35,6 +35,13 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: String,
 
+    /// Serve Prometheus metrics (cells' cgroup stats under cAdvisor's names,
+    /// the daemon's gRPC calls) at http://ADDR/metrics, plain HTTP without
+    /// authentication: keep it on loopback or a private network, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// CA certificate (PEM) that client certificates must chain to.
     #[arg(long, default_value = DEFAULT_CA_CRT)]
     pub ca_crt: PathBuf,
@@ -109,13 +116,6 @@ pub struct Config {
     /// falls behind is told how many it missed.
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     pub output_cap: u64,
-
-    /// Serve Prometheus metrics (cells' cgroup stats under cAdvisor's names,
-    /// the daemon's gRPC calls) at http://ADDR/metrics, plain HTTP without
-    /// authentication: keep it on loopback or a private network, e.g.
-    /// 127.0.0.1:9464. Off by default.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
