@@ -64,6 +64,8 @@ pub enum Command {
     Wait(WaitArgs),
     /// Show the cell tree, with each cell's executables.
     List,
+    /// Resource usage of cells (CPU, memory, pids, IO) from their cgroups.
+    Stats(crate::stats::StatsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -275,6 +277,7 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<u8, Fa
             }
             return Ok(exit_code(&e));
         }
+        Command::Stats(a) => return crate::stats::stats(client, a, json_out).await,
         Command::List => {
             let r = cells
                 .list(CellServiceListRequest {})

@@ -7,6 +7,9 @@ mod health;
 mod observe;
 mod vm;
 
+/// `aer cell stats` and `aer top`.
+mod stats;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use aurae_client::{error_chain, Client, ClientConfig};
@@ -47,6 +50,8 @@ enum Command {
     /// VMs: create, start, stop, free, list.
     #[command(subcommand)]
     Vm(vm::Command),
+    /// Cells' resource usage, refreshed (like systemd-cgtop).
+    Top(stats::TopArgs),
 }
 
 /// What a command failed with: one readable sentence (printed as
@@ -116,5 +121,6 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Cell(cmd) => cell::run(&client, cmd, cli.json).await,
         Command::Observe(cmd) => observe::run(&client, cmd, cli.json).await.map(|()| 0),
         Command::Vm(cmd) => vm::run(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Top(args) => stats::top(&client, args, cli.json).await,
     }
 }

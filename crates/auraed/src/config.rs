@@ -35,6 +35,13 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: String,
 
+    /// Serve Prometheus metrics (cells' cgroup stats under cAdvisor's names,
+    /// the daemon's gRPC calls) at http://ADDR/metrics, plain HTTP without
+    /// authentication: keep it on loopback or a private network, e.g.
+    /// 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// CA certificate (PEM) that client certificates must chain to.
     #[arg(long, default_value = DEFAULT_CA_CRT)]
     pub ca_crt: PathBuf,

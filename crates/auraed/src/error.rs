@@ -21,6 +21,11 @@ pub enum DaemonError {
     Hypervisor(#[from] crate::host::hypervisor::HypervisorError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot open the state directory {path}: {source}")]
     State {
         path: std::path::PathBuf,

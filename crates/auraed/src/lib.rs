@@ -17,6 +17,7 @@ mod inflight;
 pub mod init;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod pki;
 pub mod services;
 
@@ -116,6 +117,12 @@ pub async fn run(
     // socket file, which the accept task owns).
     let _stop_accepting = token.clone().drop_guard();
 
+    let rpc_metrics = metrics::rpc_metrics();
+    if let Some(addr) = config.metrics_listen {
+        let (c, s) = (cells.clone(), signals.clone());
+        metrics::start(addr, &rpc_metrics, c, s, token.child_token()).await?;
+    }
+
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
         health
@@ -142,6 +149,7 @@ pub async fn run(
 
     let inflight = inflight::InFlight::default();
     let router = Server::builder()
+        .layer(rpc_metrics)
         .layer(inflight.clone())
         .layer(decode_status::DecodeStatusLayer)
         .layer(authz::AuthzLayer(authz.clone()))

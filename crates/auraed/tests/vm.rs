@@ -10,7 +10,8 @@
 //!   writable), the cells' cgroup v2 backend on a real v2 kernel (every
 //!   controller's limit in
 //!   its v2 file, an OOM kill, cpu throttling, process and network
-//!   isolation, Free leaves no cgroup), and a clean power-off on Stop.
+//!   isolation, Free leaves no cgroup), CellService.Stats reading the same
+//!   numbers from the v2 files, and a clean power-off on Stop.
 //! - `stop_quits_a_guest_that_ignores_the_power_button`: a second guest,
 //!   defined through `Allocate` with upstream's newer messages (drive
 //!   mounts `read_only` = true and false, checked in the guest; a SIGUSR1
@@ -42,7 +43,8 @@ use aurae_client::{
     proto::{
         cells::{
             Cell, CellServiceAllocateRequest, CellServiceFreeRequest, CellServiceListRequest,
-            CellServiceStartRequest, CpuController, CpusetController, Executable, MemoryController,
+            CellServiceStartRequest, CellServiceStatsRequest, CpuController, CpusetController,
+            Executable, MemoryController,
         },
         discovery::DiscoverRequest,
         observe::{
@@ -676,6 +678,64 @@ async fn v2_cells_in_the_guest(guest: &Client) {
             .is_ok_and(|n| n > 0),
         "not throttled: {stat:?}"
     );
+
+    // 3b. CellService.Stats on the v2 backend: the same numbers as the
+    // files just read (the spin and the hog are over, so they hold still).
+    let st = guest
+        .cells()
+        .stats(CellServiceStatsRequest {
+            cell_name: String::new(),
+            recursive: false,
+        })
+        .await
+        .expect("Stats in the guest")
+        .into_inner();
+    assert!(st.cgroup_v2, "the guest reads v2 files");
+    let of = |n: &str| {
+        st.cells
+            .iter()
+            .find(|c| c.cell_name == n)
+            .unwrap_or_else(|| panic!("no stats of {n}: {st:?}"))
+            .clone()
+    };
+    let (busy, oom, all) = (of("busy"), of("oom"), of("all"));
+    eprintln!("guest stats:\n  busy {busy:?}\n  oom {oom:?}\n  all {all:?}");
+    let file = |k: &str| value(&stat, k).parse::<u64>().ok();
+    assert_eq!(busy.cpu_throttled_periods, file("nr_throttled"), "{busy:?}");
+    assert_eq!(busy.cpu_periods, file("nr_periods"), "{busy:?}");
+    assert_eq!(
+        busy.cpu_throttled_ns,
+        file("throttled_usec").map(|u| u * 1000),
+        "{busy:?}"
+    );
+    assert_eq!(busy.cpu_usage_ns, file("usage_usec").map(|u| u * 1000));
+    // 2 s at 10 %: some 200 ms of CPU (TCG adds kernel time), split into
+    // user and system time that add up to it.
+    let used = busy.cpu_usage_ns.unwrap_or(0);
+    assert!((100_000_000..2_000_000_000).contains(&used), "{busy:?}");
+    let split = busy.cpu_user_ns.unwrap_or(0) + busy.cpu_system_ns.unwrap_or(0);
+    assert!(busy.cpu_user_ns > Some(0), "{busy:?}");
+    assert!(split.abs_diff(used) <= used / 100, "{busy:?}");
+    // The guest delegates io: io.stat is read (zero IO here), not absent.
+    assert!(busy.io_read_bytes.is_some(), "{busy:?}");
+    assert_eq!(busy.memory_limit_bytes, None, "busy has no memory max");
+    let kills = value(&events, "oom_kill").parse::<u64>().ok();
+    assert_eq!(oom.oom_kills, kills, "{oom:?}");
+    assert_eq!(oom.memory_limit_bytes, Some(32 << 20), "{oom:?}");
+    assert_eq!(all.memory_limit_bytes, Some(128 << 20), "{all:?}");
+    assert!(
+        all.memory_usage_bytes.is_some() && all.pids_current.is_some(),
+        "{all:?}"
+    );
+    let e = guest
+        .cells()
+        .stats(CellServiceStatsRequest {
+            cell_name: "nope".into(),
+            recursive: false,
+        })
+        .await
+        .expect_err("unknown cell");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // 4. Isolation, seen from inside an isolate_process + isolate_network
     // cell: its own pid, net, uts and mount namespaces, its name as the

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, sync::Mutex, time::Duration};
 
-use super::{lock, requested, CgroupBackend, CgroupError, Limits};
+use super::{lock, requested, CellStats, CgroupBackend, CgroupError, Limits};
 
 /// One call the fake received; cell paths are joined with '/'.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +98,10 @@ impl CgroupBackend for FakeBackend {
 
     fn cpuset_available(&self, _parent: &[&str]) -> Option<(String, String)> {
         self.cpuset.clone()
+    }
+
+    fn stats(&self, _path: &[&str]) -> Result<CellStats, CgroupError> {
+        Ok(CellStats::default())
     }
 
     fn remove_root(&self) -> Result<(), CgroupError> {

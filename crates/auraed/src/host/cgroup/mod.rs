@@ -13,10 +13,12 @@
 //! cgroup with controllers enabled for its children may not hold processes.
 //! Cell names cannot contain `_`, so the leaf never clashes with a cell.
 
+mod stats;
 mod v1;
 mod v2;
 
 pub mod fake;
+pub use stats::CellStats;
 #[cfg(test)]
 mod host_tests;
 
@@ -49,7 +51,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// How long the pid-kill fallback keeps trying before it gives up.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The controllers we use; v1 also uses `freezer` (kill) when mounted.
-const CONTROLLERS: [&str; 4] = ["cpu", "cpuset", "memory", "pids"];
+/// `io` only serves stats (io.stat); no limit of ours uses it.
+const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "io", "memory", "pids"];
 
 /// Resource limits of one cell, already validated for syntax/range by the service layer.
 /// A negative `cpu_max` or memory value means "no limit" (`max`, or `-1` on v1).
@@ -140,6 +143,10 @@ pub trait CgroupBackend: Send + Sync + std::fmt::Debug {
     /// or the nearest existing ancestor's while the root subtree is not
     /// made yet. None when there is no cpuset to read. Touches nothing.
     fn cpuset_available(&self, parent: &[&str]) -> Option<(String, String)>;
+    /// Resource usage of the cell and its descendants, read from its cgroup
+    /// files now (see [`CellStats`]); what the host lacks is None. An Io
+    /// error with kind NotFound when the cell's cgroup is gone.
+    fn stats(&self, path: &[&str]) -> Result<CellStats, CgroupError>;
 }
 
 /// Detects the host layout once. `mount_root` is normally "/sys/fs/cgroup" (injectable for tests);

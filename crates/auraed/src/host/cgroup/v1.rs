@@ -13,12 +13,19 @@ use std::{
 
 use super::{
     invalid_cell, io_err, is_fs, limit_value, lock, own_path, pids_recursive, read_trimmed,
-    requested, weight_to_shares, write_cgroup_kill, write_file, write_limit, CgroupBackend,
-    CgroupError, Freezer, Limits, Tree, EXEC_LEAF,
+    requested,
+    stats::{self, keyed, read_opt, read_u64, CellStats},
+    weight_to_shares, write_cgroup_kill, write_file, write_limit, CgroupBackend, CgroupError,
+    Freezer, Limits, Tree, EXEC_LEAF,
 };
 
-/// The v1 controllers we look for under `mount_root`; freezer only serves `kill_all`.
-pub(super) const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "memory", "pids", "freezer"];
+/// The v1 controllers we look for under `mount_root`; freezer only serves `kill_all`,
+/// cpuacct and blkio only `stats` (CPU time, block IO).
+pub(super) const CONTROLLERS: [&str; 7] = [
+    "cpu", "cpuset", "memory", "pids", "freezer", "cpuacct", "blkio",
+];
+/// Controllers only `stats` reads (no limit of ours is written there).
+const STATS_ONLY: [&str; 2] = ["cpuacct", "blkio"];
 
 /// One mounted v1 hierarchy and the controllers of ours it carries (e.g. "cpu" when mounted
 /// as "cpu,cpuacct", or several when co-mounted).
@@ -255,6 +262,12 @@ impl CgroupBackend for V1Backend {
             let Some(dir) = h.tree.cell_dir(path) else {
                 return Vec::new();
             };
+            // A cell re-adopted from a daemon that did not use the
+            // stats-only hierarchies has no directory there: it still
+            // starts, with those stats absent.
+            if h.controllers.iter().all(|c| STATS_ONLY.contains(c)) && !dir.is_dir() {
+                continue;
+            }
             files.push(dir.join("cgroup.procs"));
         }
         if let Some(dir) = self.unified_dir(path) {
@@ -328,6 +341,60 @@ impl CgroupBackend for V1Backend {
         )
     }
 
+    fn stats(&self, path: &[&str]) -> Result<CellStats, CgroupError> {
+        let dir_of = |ctrl: &str| self.tree(ctrl).and_then(|t| t.cell_dir(path));
+        let list = self.list_tree().ok_or_else(|| invalid_cell(path))?;
+        stats::require_dir(&list.cell_dir(path).ok_or_else(|| invalid_cell(path))?)?;
+        let mut s = CellStats::default();
+        if let Some(d) = dir_of("cpuacct") {
+            s.cpu_usage_ns = read_u64(&d.join("cpuacct.usage"))?;
+            if let Some(t) = read_opt(&d.join("cpuacct.stat"))? {
+                // USER_HZ ticks, as runc and cAdvisor read them.
+                let ns = |ticks: u64| ticks.saturating_mul(1_000_000_000 / clock_ticks());
+                s.cpu_user_ns = keyed(&t, "user").map(ns);
+                s.cpu_system_ns = keyed(&t, "system").map(ns);
+            }
+        }
+        if let Some(t) = dir_of("cpu")
+            .map(|d| read_opt(&d.join("cpu.stat")))
+            .transpose()?
+        {
+            let t = t.unwrap_or_default();
+            s.cpu_periods = keyed(&t, "nr_periods");
+            s.cpu_throttled_periods = keyed(&t, "nr_throttled");
+            s.cpu_throttled_ns = keyed(&t, "throttled_time");
+        }
+        if let Some(d) = dir_of("memory") {
+            s.memory_usage_bytes = read_u64(&d.join("memory.usage_in_bytes"))?;
+            s.memory_limit_bytes = stats::v1_limit(read_u64(&d.join("memory.limit_in_bytes"))?);
+            if let Some(t) = read_opt(&d.join("memory.stat"))? {
+                // The total_ lines include the cells below (use_hierarchy).
+                s.memory_rss_bytes = keyed(&t, "total_rss");
+                s.memory_cache_bytes = keyed(&t, "total_cache");
+                s.memory_working_set_bytes =
+                    stats::working_set(s.memory_usage_bytes, keyed(&t, "total_inactive_file"));
+            }
+            s.oom_kills =
+                read_opt(&d.join("memory.oom_control"))?.and_then(|t| keyed(&t, "oom_kill"));
+        }
+        if let Some(d) = dir_of("pids") {
+            s.pids_current = read_u64(&d.join("pids.current"))?;
+            s.pids_limit = read_u64(&d.join("pids.max"))?;
+        }
+        if let Some(d) = dir_of("blkio") {
+            // The throttle files count every bio whatever the IO scheduler.
+            let bytes = read_opt(&d.join("blkio.throttle.io_service_bytes_recursive"))?;
+            if let Some((r, w)) = bytes.as_deref().map(stats::blkio_sums) {
+                (s.io_read_bytes, s.io_write_bytes) = (Some(r), Some(w));
+            }
+            let ops = read_opt(&d.join("blkio.throttle.io_serviced_recursive"))?;
+            if let Some((r, w)) = ops.as_deref().map(stats::blkio_sums) {
+                (s.io_read_ops, s.io_write_ops) = (Some(r), Some(w));
+            }
+        }
+        Ok(s)
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut ready = lock(&self.ready);
         for tree in self.trees() {
@@ -336,6 +403,13 @@ impl CgroupBackend for V1Backend {
         *ready = false;
         Ok(())
     }
+}
+
+/// USER_HZ, the unit of `cpuacct.stat` (100 on every common architecture).
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
 }
 
 #[cfg(test)]
@@ -527,5 +601,87 @@ mod tests {
         for h in ["cpu", "cpuset", "memory", "pids", "unified"] {
             assert!(!t.join(h).join("x").exists(), "{h}");
         }
+    }
+
+    #[test]
+    fn stats_come_from_every_hierarchy_and_absent_stays_absent() {
+        let tmp = layout(true);
+        let t = tmp.path();
+        for d in ["cpuacct", "blkio"] {
+            fs::create_dir(t.join(d)).expect("mkdir");
+        }
+        let b = detect(t, PROC, None).expect("detect");
+        b.create(&["s"], &Limits::default()).expect("create");
+        let w = |f: &str, v: &str| fs::write(t.join(f), v).expect("write");
+        w("cpuacct/aurae/s/cpuacct.usage", "3000000000\n");
+        w("cpuacct/aurae/s/cpuacct.stat", "user 200\nsystem 100\n");
+        w(
+            "cpu/aurae/s/cpu.stat",
+            "nr_periods 10\nnr_throttled 4\nthrottled_time 5000\n",
+        );
+        w("memory/m/own/aurae/s/memory.usage_in_bytes", "1000\n");
+        w(
+            "memory/m/own/aurae/s/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        w(
+            "memory/m/own/aurae/s/memory.stat",
+            "cache 1\nrss 2\ntotal_cache 300\ntotal_rss 600\ntotal_inactive_file 250\n",
+        );
+        w(
+            "memory/m/own/aurae/s/memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        w("pids/aurae/s/pids.current", "3\n");
+        w("pids/aurae/s/pids.max", "max\n");
+        w(
+            "blkio/aurae/s/blkio.throttle.io_service_bytes_recursive",
+            "8:0 Read 4096\n8:0 Write 512\n8:0 Total 4608\nTotal 4608\n",
+        );
+        let s = b.stats(&["s"]).expect("stats");
+        // Joined in every hierarchy, the stats-only ones included...
+        let files = b.procs_files(&["s"]);
+        assert!(
+            files.contains(&t.join("cpuacct/aurae/s/cgroup.procs")),
+            "{files:?}"
+        );
+        assert!(
+            files.contains(&t.join("blkio/aurae/s/cgroup.procs")),
+            "{files:?}"
+        );
+        let hz = clock_ticks();
+        assert_eq!(s.cpu_usage_ns, Some(3_000_000_000));
+        assert_eq!(s.cpu_user_ns, Some(200 * (1_000_000_000 / hz)));
+        assert_eq!(s.cpu_system_ns, Some(100 * (1_000_000_000 / hz)));
+        assert_eq!(
+            (s.cpu_periods, s.cpu_throttled_periods, s.cpu_throttled_ns),
+            (Some(10), Some(4), Some(5000))
+        );
+        assert_eq!(s.memory_usage_bytes, Some(1000));
+        assert_eq!(s.memory_limit_bytes, None, "unlimited");
+        assert_eq!(s.memory_rss_bytes, Some(600));
+        assert_eq!(s.memory_cache_bytes, Some(300));
+        assert_eq!(s.memory_working_set_bytes, Some(750));
+        assert_eq!(s.oom_kills, Some(2));
+        assert_eq!((s.pids_current, s.pids_limit), (Some(3), None));
+        assert_eq!((s.io_read_bytes, s.io_write_bytes), (Some(4096), Some(512)));
+        assert_eq!((s.io_read_ops, s.io_write_ops), (None, None), "no file");
+        // ...but a cell made by a daemon that did not use them (re-adopted
+        // after an upgrade) still starts, without joining them.
+        fs::remove_dir_all(t.join("blkio/aurae/s")).expect("rm");
+        let files = b.procs_files(&["s"]);
+        assert_eq!(
+            files.len(),
+            6,
+            "cpu cpuset memory pids cpuacct + mirror: {files:?}"
+        );
+        assert_eq!(b.stats(&["s"]).expect("stats").io_read_bytes, None);
+        b.remove(&["s"], Duration::ZERO).expect("remove");
+        let err = b.stats(&["s"]).expect_err("gone");
+        assert!(
+            matches!(&err, CgroupError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{err}"
+        );
+        b.remove_root().expect("remove root");
     }
 }

@@ -10,6 +10,7 @@ use std::{
 
 use super::{
     invalid_cell, io_err, limit_value, lock, pids_recursive, read_trimmed, requested,
+    stats::{self, keyed, read_opt, read_u64, CellStats},
     write_cgroup_kill, write_file, write_limit, CgroupBackend, CgroupError, Freezer, Limits, Tree,
     CONTROLLERS, DAEMON_LEAF, EXEC_LEAF,
 };
@@ -282,6 +283,42 @@ impl CgroupBackend for V2Backend {
         )
     }
 
+    fn stats(&self, path: &[&str]) -> Result<CellStats, CgroupError> {
+        let dir = self.cell(path)?;
+        stats::require_dir(&dir)?;
+        let mut s = CellStats::default();
+        // cpu.stat's usage lines exist even without the cpu controller;
+        // the nr_* and throttled_usec lines only with it.
+        if let Some(t) = read_opt(&dir.join("cpu.stat"))? {
+            let ns = |us: u64| us.saturating_mul(1000);
+            s.cpu_usage_ns = keyed(&t, "usage_usec").map(ns);
+            s.cpu_user_ns = keyed(&t, "user_usec").map(ns);
+            s.cpu_system_ns = keyed(&t, "system_usec").map(ns);
+            s.cpu_periods = keyed(&t, "nr_periods");
+            s.cpu_throttled_periods = keyed(&t, "nr_throttled");
+            s.cpu_throttled_ns = keyed(&t, "throttled_usec").map(ns);
+        }
+        s.memory_usage_bytes = read_u64(&dir.join("memory.current"))?;
+        s.memory_limit_bytes = read_u64(&dir.join("memory.max"))?;
+        if let Some(t) = read_opt(&dir.join("memory.stat"))? {
+            s.memory_rss_bytes = keyed(&t, "anon");
+            s.memory_cache_bytes = keyed(&t, "file");
+            s.memory_working_set_bytes =
+                stats::working_set(s.memory_usage_bytes, keyed(&t, "inactive_file"));
+        }
+        s.oom_kills = read_opt(&dir.join("memory.events"))?.and_then(|t| keyed(&t, "oom_kill"));
+        s.pids_current = read_u64(&dir.join("pids.current"))?;
+        s.pids_limit = read_u64(&dir.join("pids.max"))?;
+        if let Some(t) = read_opt(&dir.join("io.stat"))? {
+            let [rb, wb, ro, wo] = stats::io_stat_sums(&t);
+            s.io_read_bytes = Some(rb);
+            s.io_write_bytes = Some(wb);
+            s.io_read_ops = Some(ro);
+            s.io_write_ops = Some(wo);
+        }
+        Ok(s)
+    }
+
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut enabled = lock(&self.enabled);
         self.tree.remove_root()?;
@@ -331,7 +368,7 @@ mod tests {
         b.create(&["a"], &limits).expect("create");
         let root = tmp.path().join("aurae");
         let cell = root.join("a");
-        let all = "+cpu +cpuset +memory +pids";
+        let all = "+cpu +cpuset +io +memory +pids";
         assert_eq!(read(&tmp.path().join("cgroup.subtree_control")), all);
         assert_eq!(read(&root.join("cgroup.subtree_control")), all);
         assert_eq!(read(&cell.join("cgroup.subtree_control")), all);
@@ -458,5 +495,60 @@ mod tests {
             assert!(b.procs_files(bad).is_empty());
             assert!(b.remove(bad, Duration::ZERO).is_err());
         }
+    }
+
+    #[test]
+    fn stats_read_the_v2_files() {
+        let tmp = layout("cpuset cpu io memory pids");
+        let b = detect(tmp.path(), "0::/\n", None).expect("detect");
+        b.create(&["s"], &Limits::default()).expect("create");
+        let d = tmp.path().join("aurae/s");
+        let w = |f: &str, v: &str| fs::write(d.join(f), v).expect("write");
+        w(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n\
+             nr_periods 9\nnr_throttled 3\nthrottled_usec 70\n",
+        );
+        w("memory.current", "4096\n");
+        w("memory.max", "max\n");
+        w("memory.stat", "anon 1024\nfile 2048\ninactive_file 1000\n");
+        w("memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n");
+        w("pids.current", "2\n");
+        w("pids.max", "64\n");
+        let s = b.stats(&["s"]).expect("stats");
+        assert_eq!(
+            (s.cpu_usage_ns, s.cpu_user_ns, s.cpu_system_ns),
+            (Some(1_500_000), Some(1_000_000), Some(500_000))
+        );
+        assert_eq!(
+            (s.cpu_periods, s.cpu_throttled_periods, s.cpu_throttled_ns),
+            (Some(9), Some(3), Some(70_000))
+        );
+        assert_eq!(s.memory_usage_bytes, Some(4096));
+        assert_eq!(s.memory_working_set_bytes, Some(3096));
+        assert_eq!(
+            (s.memory_rss_bytes, s.memory_cache_bytes),
+            (Some(1024), Some(2048))
+        );
+        assert_eq!(s.memory_limit_bytes, None, "max");
+        assert_eq!(s.oom_kills, Some(1));
+        assert_eq!((s.pids_current, s.pids_limit), (Some(2), Some(64)));
+        assert_eq!(s.io_read_bytes, None, "no io.stat");
+        w(
+            "io.stat",
+            "8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n",
+        );
+        w("memory.max", "1048576\n");
+        let s = b.stats(&["s"]).expect("stats");
+        assert_eq!(
+            [
+                s.io_read_bytes,
+                s.io_write_bytes,
+                s.io_read_ops,
+                s.io_write_ops
+            ],
+            [Some(10), Some(20), Some(1), Some(2)]
+        );
+        assert_eq!(s.memory_limit_bytes, Some(1 << 20));
     }
 }

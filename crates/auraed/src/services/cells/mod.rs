@@ -6,6 +6,7 @@ pub mod executable;
 pub mod output;
 pub mod persist;
 pub mod state;
+pub mod stats;
 mod teardown;
 pub mod validation;
 
@@ -15,7 +16,8 @@ use aurae_proto::cells::{
     cell_service_server::CellService, CellServiceAllocateRequest, CellServiceAllocateResponse,
     CellServiceFreeRequest, CellServiceFreeResponse, CellServiceListRequest,
     CellServiceListResponse, CellServiceStartRequest, CellServiceStartResponse,
-    CellServiceStopRequest, CellServiceStopResponse,
+    CellServiceStatsRequest, CellServiceStatsResponse, CellServiceStopRequest,
+    CellServiceStopResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -197,6 +199,24 @@ impl CellService for CellServiceImpl {
         Ok(Response::new(CellServiceListResponse {
             cells,
             host_executables,
+        }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<CellServiceStatsRequest>,
+    ) -> Result<Response<CellServiceStatsResponse>, Status> {
+        let r = request.into_inner();
+        let of = match r.cell_name.as_str() {
+            "" => None,
+            n => Some(CellName::parse("cell_name", n)?),
+        };
+        let timestamp = stats::now_ns();
+        let read = self.cells.stats(of.as_ref(), r.recursive).await?;
+        Ok(Response::new(CellServiceStatsResponse {
+            cells: read.iter().map(|(n, s)| stats::to_proto(n, s)).collect(),
+            timestamp,
+            cgroup_v2: self.cells.is_v2(),
         }))
     }
 }

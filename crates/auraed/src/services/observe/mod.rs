@@ -77,6 +77,11 @@ impl SignalSource {
         source
     }
 
+    /// The probe if it is loaded by now (never waits): for the metrics.
+    pub fn loaded(&self) -> Option<Arc<SignalObserver>> {
+        self.0.get().and_then(|r| r.as_ref().ok()).cloned()
+    }
+
     pub async fn get(&self) -> Result<Arc<SignalObserver>, String> {
         self.0
             .get_or_init(|| async {
