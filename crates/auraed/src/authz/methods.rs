@@ -11,18 +11,20 @@ pub const CELL_FREE: &str = "aurae.cells.v0.CellService/Free";
 pub const CELL_START: &str = "aurae.cells.v0.CellService/Start";
 pub const CELL_STOP: &str = "aurae.cells.v0.CellService/Stop";
 pub const CELL_LIST: &str = "aurae.cells.v0.CellService/List";
+pub const CELL_STATS: &str = "aurae.cells.v0.CellService/Stats";
 pub const OBSERVE_OUTPUT: &str = "aurae.observe.v0.ObserveService/GetSubProcessStream";
 pub const OBSERVE_SIGNALS: &str = "aurae.observe.v0.ObserveService/GetPosixSignalsStream";
 pub const OBSERVE_LOGS: &str = "aurae.observe.v0.ObserveService/GetAuraeDaemonLogStream";
 
 /// Methods whose request names a cell or the host context; their handlers
 /// check the target (and filter what they answer) through the caller.
-const SCOPED: [&str; 7] = [
+const SCOPED: [&str; 8] = [
     CELL_ALLOCATE,
     CELL_FREE,
     CELL_START,
     CELL_STOP,
     CELL_LIST,
+    CELL_STATS,
     OBSERVE_OUTPUT,
     OBSERVE_SIGNALS,
 ];

@@ -206,13 +206,22 @@ impl CellService for CellServiceImpl {
         &self,
         request: Request<CellServiceStatsRequest>,
     ) -> Result<Response<CellServiceStatsResponse>, Status> {
+        let caller = authz::caller(&request)?;
         let r = request.into_inner();
         let of = match r.cell_name.as_str() {
             "" => None,
             n => Some(CellName::parse("cell_name", n)?),
         };
+        // A named cell must be allowed; what a subtree or "every cell"
+        // answers is filtered to the cells the caller may see (as List).
+        if let Some(name) = &of {
+            caller.check(methods::CELL_STATS, Target::Cell(name), None)?;
+        }
         let timestamp = stats::now_ns();
-        let read = self.cells.stats(of.as_ref(), r.recursive).await?;
+        let mut read = self.cells.stats(of.as_ref(), r.recursive).await?;
+        if !caller.unrestricted(methods::CELL_STATS) {
+            read.retain(|(n, _)| caller.may(methods::CELL_STATS, Target::Cell(n)));
+        }
         Ok(Response::new(CellServiceStatsResponse {
             cells: read.iter().map(|(n, s)| stats::to_proto(n, s)).collect(),
             timestamp,
