@@ -103,6 +103,17 @@ fn recv(sock: &UnixDatagram, what: &str, log: &Path) -> String {
     }
 }
 
+/// Whether a thread of `pid` waits in the kernel for room in a unix
+/// datagram socket's queue (sending to our full NOTIFY_SOCKET).
+fn blocked_in_unix_send(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w == "unix_wait_for_peer")
+    })
+}
+
 #[tokio::test]
 async fn ready_is_notified_once_the_socket_answers_and_stopping_at_shutdown() {
     if !is_root() {
@@ -119,18 +130,51 @@ async fn ready_is_notified_once_the_socket_answers_and_stopping_at_shutdown() {
     let sock = UnixDatagram::bind(&notify).expect("bind NOTIFY_SOCKET");
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
+    // The queue is filled first, so the daemon's first notification
+    // blocks in send(2) (in the kernel's unix_wait_for_peer) until this
+    // test reads: the daemon is caught at the moment it notifies.
+    let filler = UnixDatagram::unbound().expect("socket");
+    filler.connect(&notify).expect("connect filler");
+    filler.set_nonblocking(true).expect("nonblocking");
+    let mut filled = 0;
+    while filler.send(b"FILLER=1\n").is_ok() {
+        filled += 1;
+    }
+    assert!(filled > 0, "could not fill the notify queue");
     let log = dir.path().join("auraed.log");
     let mut d = spawn_raw(dir.path(), &notify, &log);
+    let pid = d.child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !blocked_in_unix_send(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "auraed never notified; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            matches!(d.child.try_wait(), Ok(None)),
+            "auraed exited; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // At that moment the gRPC socket is already bound and listening.
+    std::os::unix::net::UnixStream::connect(dir.path().join("aurae.sock"))
+        .expect("the gRPC socket is bound before the daemon notifies");
 
-    // The first datagram is READY=1, and by then the socket answers: one
-    // Discover, no retry (a premature READY would fail it, as the socket
-    // would not exist or not be served yet).
+    // The first datagram after the filler is READY=1, and then the socket
+    // answers: one Discover, no retry.
     let sock = std::sync::Arc::new(sock);
     let first = {
         let (sock, log) = (sock.clone(), log.clone());
-        tokio::task::spawn_blocking(move || recv(&sock, "READY", &log))
-            .await
-            .expect("join")
+        tokio::task::spawn_blocking(move || loop {
+            let m = recv(&sock, "READY", &log);
+            if m != "FILLER=1\n" {
+                return m;
+            }
+        })
+        .await
+        .expect("join")
     };
     assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
     assert!(
