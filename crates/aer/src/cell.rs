@@ -1,4 +1,4 @@
-//! `aer cell allocate|free|start|stop|wait|list`
+//! `aer cell allocate|free|start|run|stop|wait|list`
 
 use std::{future::Future, time::Duration};
 
@@ -43,6 +43,13 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Start `sh -c COMMAND`, print its stdout and stderr as they come, exit with its code.
+    ///
+    /// Exit codes as `aer cell wait` (N, 128+N if killed by signal N);
+    /// Ctrl-C (SIGINT) or SIGTERM stops the executable and exits with 130 or
+    /// 143. Once it has ended and its output is printed, its record is
+    /// removed (unless --keep), so the same NAME can run again.
+    Run(crate::run::RunArgs),
     /// Stop an executable (SIGTERM, grace period, SIGKILL).
     Stop { cell: String, name: String },
     /// Wait until an executable has exited, print how it ended, exit with its code.
@@ -244,6 +251,7 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<u8, Fa
                 );
             }
         }
+        Command::Run(a) => return crate::run::run(client, a).await,
         Command::Stop { cell, name } => {
             cells
                 .stop(CellServiceStopRequest {
@@ -346,7 +354,7 @@ fn ended(e: &ExecutableStatus) -> bool {
 /// Calls `list` every [`POLL_INTERVAL`] until the executable `name` (of
 /// `cell`, or of the host context) has ended, and returns its status.
 /// Answers that mean the daemon is restarting are retried.
-async fn wait_for<F, Fut>(
+pub(crate) async fn wait_for<F, Fut>(
     mut list: F,
     cell: Option<&str>,
     name: &str,

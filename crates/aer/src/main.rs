@@ -3,8 +3,10 @@
 
 mod cell;
 mod discovery;
+mod docs;
 mod health;
 mod observe;
+mod run;
 mod vm;
 
 /// `aer cell stats` and `aer top`.
@@ -41,7 +43,7 @@ enum Command {
     Discover,
     /// Query the standard gRPC health service.
     Health(health::Args),
-    /// Cells: allocate, free, start, stop, wait, list.
+    /// Cells: allocate, free, start, run, stop, wait, list.
     #[command(subcommand)]
     Cell(cell::Command),
     /// Observe: the daemon's log, an executable's output, POSIX signals.
@@ -87,6 +89,18 @@ pub fn status(s: tonic::Status) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // Man pages and completions for the package build (see docs.rs).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == docs::DOCS_ARG) {
+        let dir = PathBuf::from(args.next().unwrap_or_else(|| ".".into()));
+        return match docs::generate(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("aer: cannot write docs to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

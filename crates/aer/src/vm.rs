@@ -92,11 +92,14 @@ pub async fn run(client: &Client, cmd: Command, as_json: bool) -> Result<(), Fai
             print(as_json, json!({ "vm_id": r.vm_id }), &r.vm_id);
         }
         Command::Start { id } => {
-            let r = vms
-                .start(VmServiceStartRequest { vm_id: id })
-                .await
-                .map_err(status)?
-                .into_inner();
+            // Start answers once the guest's auraed does (seconds under
+            // TCG): meanwhile a person at a terminal sees it is booting.
+            let progress = boot_progress(as_json, &id);
+            let r = vms.start(VmServiceStartRequest { vm_id: id }).await;
+            if let Some(p) = progress {
+                p.finish_and_clear();
+            }
+            let r = r.map_err(status)?.into_inner();
             print(
                 as_json,
                 json!({ "auraed_address": r.auraed_address }),
@@ -159,4 +162,21 @@ fn print(as_json: bool, v: serde_json::Value, text: &str) {
     } else {
         println!("{text}");
     }
+}
+
+/// A spinner with the seconds elapsed, on stderr, only when stderr is a
+/// terminal and the output is not JSON. (The daemon does not expose the
+/// guest's console over the API, so there is no console line to show.)
+fn boot_progress(as_json: bool, id: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if as_json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        p.set_style(style);
+    }
+    p.set_message(format!("booting {id}: waiting for the guest's auraed"));
+    p.enable_steady_tick(std::time::Duration::from_millis(100));
+    Some(p)
 }

@@ -11,6 +11,7 @@
 pub mod authz;
 pub mod config;
 mod decode_status;
+pub mod docs;
 pub mod error;
 pub mod host;
 mod inflight;
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod services;
+pub mod systemd;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -178,9 +180,13 @@ pub async fn run(
 
     let serve = router.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     tokio::pin!(serve);
+    // Bound, re-adopted, serving: connections queue on the socket and are
+    // answered as soon as the select below polls the server.
+    systemd::notify_ready(&format!("serving on {target}"));
     let served = tokio::select! {
         r = &mut serve => r.map_err(DaemonError::Serve),
         () = shutdown => {
+            systemd::notify_stopping();
             tracing::info!("shutting down: no new connections, in-flight calls get {}s", config::DEFAULT_SHUTDOWN_GRACE_SECS);
             for name in SERVICE_NAMES {
                 health.set_service_status(name, tonic_health::ServingStatus::NotServing).await;

@@ -12,7 +12,14 @@ use std::{
 
 use tokio::sync::broadcast;
 use tracing::{field::Field, Event, Level, Subscriber};
-use tracing_subscriber::{filter::LevelFilter, layer::Context, prelude::*, EnvFilter, Layer};
+use tracing_subscriber::{
+    filter::LevelFilter,
+    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields},
+    layer::Context,
+    prelude::*,
+    registry::LookupSpan,
+    EnvFilter, Layer,
+};
 
 /// Lines a new subscriber receives first.
 pub const LOG_BACKLOG: usize = 1000;
@@ -67,18 +74,64 @@ pub fn init(level: Level) -> Arc<LogBus> {
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::from_level(level).into())
         .from_env_lossy();
+    // Under systemd, stderr is the journal: each line starts with its
+    // syslog priority (`<3>` for errors, see sd-daemon(3)), which journald
+    // strips and stores as PRIORITY (`journalctl -p warning` works), and
+    // carries no timestamp (the journal stamps every line itself).
+    let journal = crate::systemd::stderr_is_journal();
+    let plain = (!journal).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colour codes only for a person at a terminal, never in a
+            // file, a pipe or the journal.
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let journald = journal.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(JournalPrefix(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colour codes only for a person at a terminal, never in a
-                // file, a pipe or the journal.
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
+        .with(plain)
+        .with(journald)
         .with(BusLayer(bus.clone()))
         .try_init();
     bus
+}
+
+/// The syslog priority of a level: err, warning, info, debug (journald
+/// reads it from a `<N>` prefix).
+pub fn syslog_priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
+
+/// Puts `<N>` (the syslog priority) before each line of an event format.
+struct JournalPrefix<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for JournalPrefix<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 struct BusLayer(Arc<LogBus>);

@@ -5,6 +5,21 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Man pages and completions for the package build (see docs.rs).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == auraed::docs::DOCS_ARG) {
+        let dir = args.next().unwrap_or_else(|| ".".into());
+        return match auraed::docs::generate(std::path::Path::new(&dir)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "auraed: cannot write docs to {}: {e}",
+                    dir.to_string_lossy()
+                );
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     // A cell's namespace holder is this binary re-executed; it must not
     // start a runtime or parse flags.
     if std::env::args_os()

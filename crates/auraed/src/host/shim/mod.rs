@@ -123,6 +123,8 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
     let mut cmd = Command::new(program());
     cmd.arg(SHIM_ARG)
         .args(args.to_argv())
+        // Workloads must not speak for the daemon (see systemd.rs).
+        .env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -207,6 +207,7 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
     let child = fork_with(pid_ns, move || {
         let mut cmd = Command::new(holder_program());
         cmd.arg(HOLDER_ARG)
+            .env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -260,6 +261,7 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         move || {
             let mut cmd = Command::new(holder_program());
             cmd.args([HOLDER_ARG, holder::NESTED, &hostname, net])
+                .env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
                 .current_dir("/")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
