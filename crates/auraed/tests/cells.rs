@@ -586,10 +586,14 @@ async fn isolation_is_real_from_inside() {
         procs.iter().any(|l| l.contains("sleep 12345")),
         "the first executable must be visible:\n{out}"
     );
+    // The holder (pid 1), the two executables' shims (forked by the
+    // holder inside the cell), `sleep`, and `sh`, its subshell and `ps`.
     assert!(
-        procs.len() <= 6,
+        procs.len() <= 7,
         "only the cell's processes may be visible:\n{out}"
     );
+    let shims = procs.iter().filter(|l| l.contains("aurae-holder")).count();
+    assert_eq!(shims, 3, "the holder and the two shims:\n{out}");
     assert!(
         procs.iter().any(|l| l.trim_start().starts_with("1 ")),
         "the cell has its own pid 1:\n{out}"

@@ -38,6 +38,12 @@ pub(super) fn main() -> ! {
             std::process::exit(2)
         }
     };
+    run_with(args, false)
+}
+
+/// The shim with its arguments: as a program of its own (`in_cell`
+/// false), or forked by a cell's holder (see `super::fork_in_cell`).
+pub(super) fn run_with(args: Args, in_cell: bool) -> ! {
     if let Err(e) = check_fds(&args.fds()) {
         warn(&format!("bad command line: {e}"));
         std::process::exit(2)
@@ -53,6 +59,13 @@ pub(super) fn main() -> ! {
         }
     };
     drop(status);
+    if in_cell {
+        // Inside the cell the kernel's OOM killer could pick the shim
+        // (charged to the cell's memory cgroup) and lose the executable's
+        // exit status and output: it is never the one to go. Set after
+        // the fork, so the executable keeps the value it had.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    }
     shim.run()
 }
 
