@@ -64,6 +64,8 @@ pub(super) fn run_with(args: Args, in_cell: bool) -> ! {
         // (charged to the cell's memory cgroup) and lose the executable's
         // exit status and output: it is never the one to go. Set after
         // the fork, so the executable keeps the value it had.
+        // Needs CAP_SYS_RESOURCE; without it the shim runs unprotected
+        // (not worth a warning per executable).
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     }
     shim.run()
