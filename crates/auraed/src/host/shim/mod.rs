@@ -203,9 +203,11 @@ enum InCell {
 /// the fork is of the small single-threaded holder, not of the daemon.
 async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Spawned, InCell> {
     use std::os::unix::ffi::OsStrExt;
-    use tokio::io::unix::AsyncFd;
     let conn = fdpass::seqpacket(sock, false).map_err(InCell::Unreachable)?;
-    let (status_r, status_w) = pipe().map_err(|e| InCell::Failed(format!("pipe: {e}")))?;
+    // The shim's status channel: a socket, so that its report can carry a
+    // pidfd of the executable (see `supervise::report_in_cell`).
+    let (status_r, status_w) =
+        fdpass::seqpacket_pair().map_err(|e| InCell::Failed(format!("socketpair: {e}")))?;
     let args = args::Args {
         dir: -1,
         status: -1,
@@ -231,28 +233,13 @@ async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Sp
     )
     .map_err(InCell::Unreachable)?;
     drop(status_w);
-    set_nonblocking(&conn).map_err(|e| InCell::Failed(format!("holder socket: {e}")))?;
-    // SAFETY: an OwnedFd keeps its one fd open until it is dropped.
-    let conn = unsafe { AsyncFd::register_with_interest(conn, tokio::io::Interest::READABLE) }
-        .map_err(|e| InCell::Failed(format!("holder socket: {e}")))?;
-    let reply = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            let mut guard = conn.readable().await?;
-            match guard.try_io(|c| fdpass::recv(c.as_raw_fd(), &mut buf, 0)) {
-                Ok(r) => {
-                    let (n, fds) = r?;
-                    return Ok::<_, io::Error>((buf[..n].to_vec(), fds));
-                }
-                Err(_would_block) => continue,
-            }
-        }
-    };
-    let (text, fds) = match tokio::time::timeout(STATUS_TIMEOUT, reply).await {
+    let conn = async_fd(conn).map_err(|e| InCell::Failed(format!("holder socket: {e}")))?;
+    let (text, fds) = match tokio::time::timeout(STATUS_TIMEOUT, recv_async(&conn)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(InCell::Unreachable(e)),
         Err(_) => return Err(InCell::Failed("the cell's holder did not answer".into())),
     };
+    drop(conn);
     if text.is_empty() {
         // Closed without an answer: not a holder that serves requests.
         return Err(InCell::Unreachable(io::Error::other("no answer")));
@@ -273,8 +260,9 @@ async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Sp
     let kill = || {
         let _ = proc::pidfd_send_signal(&pidfd, libc::SIGKILL);
     };
-    let line = match tokio::time::timeout(STATUS_TIMEOUT, read_status(status_r)).await {
-        Ok(Ok(line)) => line,
+    let status = async_fd(status_r).map_err(|e| InCell::Failed(format!("status socket: {e}")))?;
+    let (line, fds) = match tokio::time::timeout(STATUS_TIMEOUT, recv_async(&status)).await {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             kill();
             return Err(InCell::Failed(format!(
@@ -288,27 +276,47 @@ async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Sp
             )));
         }
     };
+    let line = String::from_utf8_lossy(&line);
     // The shim reports the pid in the cell's pid namespace; the daemon
-    // names processes by host pid: the shim's only child, same start time.
+    // names processes by host pid, which the executable's pidfd tells
+    // (the shim does not reap it before we close the status socket).
     let local = parse_status(&line).map_err(InCell::Failed)?;
-    let pid = child_with_start(shim.pid, local.start).ok_or_else(|| {
+    let pid = fds.first().and_then(fdpass::pidfd_pid).ok_or_else(|| {
         InCell::Failed(format!(
             "the executable (pid {} in the cell) is gone",
             local.pid
         ))
     })?;
-    Ok(Spawned { shim, pid })
+    drop(status);
+    Ok(Spawned {
+        shim,
+        pid: ProcId {
+            pid,
+            start: local.start,
+        },
+    })
 }
 
-/// The child of `parent` (host pids) that started at `start`.
-fn child_with_start(parent: i32, start: u64) -> Option<ProcId> {
-    let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
-    kids.split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .find_map(|pid| {
-            let s = proc::stat(pid)?;
-            (s.start == start).then_some(ProcId { pid, start })
-        })
+fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    set_nonblocking(&fd)?;
+    // SAFETY: an OwnedFd keeps its one fd open until it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// One message (and its fds) from a non-blocking socket; empty at EOF.
+async fn recv_async(fd: &tokio::io::unix::AsyncFd<OwnedFd>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.try_io(|c| fdpass::recv(c.as_raw_fd(), &mut buf, 0)) {
+            Ok(r) => {
+                let (n, fds) = r?;
+                return Ok((buf[..n].to_vec(), fds));
+            }
+            Err(_would_block) => continue,
+        }
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
