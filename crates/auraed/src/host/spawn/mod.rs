@@ -525,11 +525,12 @@ impl ChildSetup {
         }
         if let Some(fd) = self.spawn_fd {
             // Last: the fds used above may have had that number.
-            // SAFETY: plain system calls on an fd of ours; dup2 clears
-            // close-on-exec on the copy.
             if fd == holder::SPAWN_FD {
+                // SAFETY: clearing close-on-exec on an fd of ours.
                 check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })?;
             } else {
+                // SAFETY: plain system call on an fd of ours; the copy has
+                // close-on-exec cleared.
                 check(unsafe { libc::dup2(fd, holder::SPAWN_FD) })?;
             }
         }

@@ -123,6 +123,9 @@ impl Cells {
                     holder = Some(h);
                 }
                 None => {
+                    if let Some(p) = &h.socket {
+                        let _ = std::fs::remove_file(p);
+                    }
                     ns_holders.push(HolderLife::dead(h.pid));
                     tracing::warn!(
                         "cell {name}: its holder (pid {}) is gone, and with it its namespaces; it cannot start executables until it is freed and allocated again",
