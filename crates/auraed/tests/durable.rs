@@ -703,6 +703,10 @@ async fn shims_live_where_the_start_path_puts_them_and_record_exits_without_a_da
     let holder = ppid(shim);
     assert_ne!(holder, daemon, "the holder forks the shim, not the daemon");
     assert_eq!(proc_file(shim, "comm").trim(), "aurae-shim");
+    assert_eq!(
+        proc_file(shim, "cmdline").trim_end_matches('\0'),
+        "aurae-shim"
+    );
     assert_eq!(proc_file(shim, "cgroup"), proc_file(sleeper, "cgroup"));
     assert!(
         proc_file(sleeper, "cgroup").contains(&iso),

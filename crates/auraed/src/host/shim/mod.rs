@@ -190,6 +190,42 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
         .map_err(failed)
 }
 
+/// Overwrites this process's command line (what /proc/PID/cmdline and
+/// `ps` show) in place, as setproctitle does: a shim forked by a holder
+/// would otherwise show the holder's. The text is cut to the space the
+/// original arguments took; the rest is zeroed. Only for the forked shim,
+/// which reads no `std::env::args` after this.
+fn set_cmdline(text: &[u8]) {
+    let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else {
+        return;
+    };
+    // Fields 48 and 49 (arg_start, arg_end), counted after "(comm) ",
+    // which is field 3.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return;
+    };
+    let mut f = rest.split_whitespace().skip(45);
+    let (Some(Ok(start)), Some(Ok(end))) = (
+        f.next().map(str::parse::<usize>),
+        f.next().map(str::parse::<usize>),
+    ) else {
+        return;
+    };
+    if start == 0 || end <= start {
+        return;
+    }
+    let len = end - start;
+    // SAFETY: [arg_start, arg_end) is this process's own argument area,
+    // writable memory on its stack that nothing in this (single-threaded,
+    // just forked) process reads any more.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area.fill(0);
+        let n = text.len().min(len.saturating_sub(1));
+        area[..n].copy_from_slice(&text[..n]);
+    }
+}
+
 enum InCell {
     /// The holder cannot be asked (no socket, an older holder): the
     /// daemon starts the shim itself.
@@ -442,6 +478,7 @@ pub fn fork_in_cell(
             let _ = (dir.into_raw_fd(), status.into_raw_fd());
             // SAFETY: a constant C string; names this process in `ps`.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"aurae-shim".as_ptr()) };
+            set_cmdline(b"aurae-shim");
             supervise::run_with(args, true)
         }
         pid => Ok(pid),
