@@ -586,10 +586,16 @@ async fn isolation_is_real_from_inside() {
         procs.iter().any(|l| l.contains("sleep 12345")),
         "the first executable must be visible:\n{out}"
     );
+    // The holder (pid 1), the two executables' shims (forked by the
+    // holder inside the cell), `sleep`, and `sh`, its subshell and `ps`;
+    // plus the `1: lo` line of `ip -o link`.
     assert!(
-        procs.len() <= 6,
+        procs.len() <= 8,
         "only the cell's processes may be visible:\n{out}"
     );
+    let holders = procs.iter().filter(|l| l.contains("aurae-holder")).count();
+    let shims = procs.iter().filter(|l| l.ends_with(" aurae-shim")).count();
+    assert_eq!((holders, shims), (1, 2), "the holder and two shims:\n{out}");
     assert!(
         procs.iter().any(|l| l.trim_start().starts_with("1 ")),
         "the cell has its own pid 1:\n{out}"

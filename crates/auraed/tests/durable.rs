@@ -658,3 +658,153 @@ async fn aer_cell_wait_exits_with_the_executables_code_across_a_restart() {
 async fn c_after(d: &Daemon) -> Client {
     d.client().await
 }
+
+fn ppid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(") ").expect("stat format").1;
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("ppid")
+}
+
+fn proc_file(pid: i32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/{file}: {e}"))
+}
+
+fn ns(pid: i32, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns link")
+}
+
+/// The start path (README "Why we are fast"): in an isolated cell the
+/// holder forks the shim, so the shim and the executable are born in the
+/// cell's cgroups and pid namespace (no migration); in a plain cell the
+/// daemon's shim stays in the daemon's cgroups and only the executable
+/// joins the cell. Either way the shim records the exit while no daemon
+/// runs, and a new daemon re-adopts both.
+#[tokio::test]
+async fn shims_live_where_the_start_path_puts_them_and_record_exits_without_a_daemon() {
+    let mut d = Daemon::start_with(None, KEEP).await;
+    let c = d.client().await;
+    let iso = unique("fast");
+    let plain = unique("slow");
+    allocate(&c, &iso, true).await;
+    allocate(&c, &plain, false).await;
+    let daemon = d.pid();
+
+    let sleeper = start(&c, Some(&iso), "sleeper", "sleep 1000").await;
+    let quitter = start(&c, Some(&iso), "quitter", "sleep 1; exit 9").await;
+    let plain_sleeper = start(&c, Some(&plain), "sleeper", "sleep 1000").await;
+
+    // Isolated: the shim is the executable's parent, forked by the holder
+    // (pid 1 of the cell), in the same cgroups and pid namespace.
+    let shim = ppid(sleeper);
+    let holder = ppid(shim);
+    assert_ne!(holder, daemon, "the holder forks the shim, not the daemon");
+    assert_eq!(proc_file(shim, "comm").trim(), "aurae-shim");
+    assert_eq!(
+        proc_file(shim, "cmdline").trim_end_matches('\0'),
+        "aurae-shim"
+    );
+    assert_eq!(proc_file(shim, "cgroup"), proc_file(sleeper, "cgroup"));
+    assert!(
+        proc_file(sleeper, "cgroup").contains(&iso),
+        "{}",
+        proc_file(sleeper, "cgroup")
+    );
+    assert_eq!(ns(shim, "pid"), ns(sleeper, "pid"));
+    assert_eq!(ns(shim, "net"), ns(sleeper, "net"));
+    assert_ne!(ns(shim, "pid"), ns(daemon, "pid"));
+    assert!(
+        proc_file(holder, "status")
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "the holder is pid 1 of the cell"
+    );
+    // The cell's OOM killer never takes the shim (and with it the exit
+    // status); the executable keeps the usual score.
+    // (Lowering the score needs CAP_SYS_RESOURCE, bit 24, which some
+    // hosts lack.)
+    let caps = proc_file(std::process::id() as i32, "status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    if caps & (1 << 24) != 0 {
+        assert_eq!(proc_file(shim, "oom_score_adj").trim(), "-1000");
+    } else {
+        eprintln!("no CAP_SYS_RESOURCE: the shim's OOM protection is not checked");
+    }
+    assert_ne!(proc_file(sleeper, "oom_score_adj").trim(), "-1000");
+    // Workloads get the open-file limit the daemon was given, not its own.
+    let limit = |pid: i32| {
+        proc_file(pid, "limits")
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(str::to_owned)
+            .expect("limits")
+    };
+    let my_limit = limit(std::process::id() as i32);
+    assert_eq!(limit(sleeper), my_limit);
+
+    // Plain: the shim is the daemon's child and in the daemon's cgroups.
+    let plain_shim = ppid(plain_sleeper);
+    assert_eq!(ppid(plain_shim), daemon);
+    assert_eq!(proc_file(plain_shim, "cgroup"), proc_file(daemon, "cgroup"));
+    assert_ne!(
+        proc_file(plain_shim, "cgroup"),
+        proc_file(plain_sleeper, "cgroup")
+    );
+    assert!(proc_file(plain_sleeper, "cgroup").contains(&plain));
+
+    // No daemon while `quitter` exits 9: its shim in the cell records it.
+    d.stop_with(libc::SIGKILL);
+    wait_until("quitter to exit", Duration::from_secs(10), || {
+        exited(quitter)
+    })
+    .await;
+    assert!(!exited(sleeper) && !exited(shim) && !exited(plain_sleeper));
+    d.respawn(None).await;
+    let c = d.client().await;
+    let mut execs = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        execs = snapshot(&c).await.0;
+        if execs
+            .get(&format!("{iso}/quitter"))
+            .is_some_and(|e| e.state == "exited")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let q = &execs[&format!("{iso}/quitter")];
+    assert_eq!(
+        (q.state.as_str(), q.exit_code),
+        ("exited", Some(9)),
+        "{q:?}"
+    );
+    let s = &execs[&format!("{iso}/sleeper")];
+    assert_eq!((s.state.as_str(), s.pid), ("running", sleeper), "{s:?}");
+    // The re-adopted holder still serves: a new Start lands in the cell.
+    let again = start(&c, Some(&iso), "again", "sleep 1000").await;
+    assert_eq!(ppid(ppid(again)), holder);
+    assert_eq!(ns(again, "pid"), ns(sleeper, "pid"));
+
+    stop(&c, Some(&iso), "sleeper").await;
+    assert!(exited(sleeper));
+    wait_until("its shim to exit", Duration::from_secs(10), || exited(shim)).await;
+    free(&c, &iso).await;
+    free(&c, &plain).await;
+    for pid in [again, holder, plain_sleeper, plain_shim] {
+        assert!(exited(pid), "pid {pid} left behind");
+    }
+    for dir in cgroup_dirs(&d, &iso) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    let socks = std::fs::read_dir(d.dir.path().join("run/state/holders"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(socks, 0, "holder sockets left behind");
+}

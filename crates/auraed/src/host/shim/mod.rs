@@ -42,8 +42,8 @@ use std::{
 use tokio::{io::AsyncBufReadExt, process::Command};
 
 use crate::host::{
-    proc::ProcId,
-    spawn::{reaper, Kind, NsSet, SpawnError},
+    proc::{self, ProcId},
+    spawn::{fdpass, holder, reaper, Kind, NsSet, SpawnError},
 };
 
 /// argv[1] that makes `auraed` run as a shim (when `aurae-shim` is not
@@ -68,6 +68,9 @@ pub struct ShimSpec {
     pub gid: Option<u32>,
     /// Bytes of output kept per channel.
     pub output_cap: u64,
+    /// The spawn socket of the cell's holder, if it serves one: the shim is
+    /// then forked by the holder, inside the cell (see `spawn::holder`).
+    pub spawner: Option<PathBuf>,
 }
 
 /// A started executable and its shim.
@@ -97,6 +100,16 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
         .open(&spec.dir)
         .map_err(|e| failed(format!("cannot open {}: {e}", spec.dir.display())))?
         .into();
+    if let Some(sock) = &spec.spawner {
+        match spawn_in_cell(&spec, sock, &dir).await {
+            Err(InCell::Unreachable(e)) => tracing::debug!(
+                "holder socket {} does not answer ({e}): the daemon starts the shim",
+                sock.display()
+            ),
+            Err(InCell::Failed(why)) => return Err(failed(why)),
+            Ok(s) => return Ok(s),
+        }
+    }
     let procs = open_procs(&spec.procs_files)?;
     let (status_r, status_w) = pipe().map_err(|source| SpawnError::Start {
         what: "shim",
@@ -177,6 +190,182 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
     parse_status(&line)
         .map(|pid| Spawned { shim, pid })
         .map_err(failed)
+}
+
+/// Overwrites this process's command line (what /proc/PID/cmdline and
+/// `ps` show) in place, as setproctitle does: a shim forked by a holder
+/// would otherwise show the holder's. The text is cut to the space the
+/// original arguments took; the rest is zeroed. Only for the forked shim,
+/// which reads no `std::env::args` after this.
+fn set_cmdline(text: &[u8]) {
+    let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else {
+        return;
+    };
+    // Fields 48 and 49 (arg_start, arg_end), counted after "(comm) ",
+    // which is field 3.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return;
+    };
+    let mut f = rest.split_whitespace().skip(45);
+    let (Some(Ok(start)), Some(Ok(end))) = (
+        f.next().map(str::parse::<usize>),
+        f.next().map(str::parse::<usize>),
+    ) else {
+        return;
+    };
+    if start == 0 || end <= start {
+        return;
+    }
+    let len = end - start;
+    // SAFETY: [arg_start, arg_end) is this process's own argument area,
+    // writable memory on its stack that nothing in this (single-threaded,
+    // just forked) process reads any more.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area.fill(0);
+        let n = text.len().min(len.saturating_sub(1));
+        area[..n].copy_from_slice(&text[..n]);
+    }
+}
+
+enum InCell {
+    /// The holder cannot be asked (no socket, an older holder): the
+    /// daemon starts the shim itself.
+    Unreachable(io::Error),
+    Failed(String),
+}
+
+/// The fast path: the cell's holder forks the shim, which is then born in
+/// the cell's cgroups and namespaces, and so is the executable it forks.
+/// Nothing migrates between cgroups and nothing enters a namespace, and
+/// the fork is of the small single-threaded holder, not of the daemon.
+async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Spawned, InCell> {
+    use std::os::unix::ffi::OsStrExt;
+    let conn = fdpass::seqpacket(sock, false).map_err(InCell::Unreachable)?;
+    // The shim's status channel: a socket, so that its report can carry a
+    // pidfd of the executable (see `supervise::report_in_cell`).
+    let (status_r, status_w) =
+        fdpass::seqpacket_pair().map_err(|e| InCell::Failed(format!("socketpair: {e}")))?;
+    let args = args::Args {
+        dir: -1,
+        status: -1,
+        pid_ns: None,
+        procs: Vec::new(),
+        setns: Vec::new(),
+        // Its own cgroup namespace, rooted at the cell (as on the other path).
+        unshare: libc::CLONE_NEWCGROUP,
+        uid: spec.uid,
+        gid: spec.gid,
+        cap: spec.output_cap.max(format::MIN_OUTPUT_CAP),
+        command: spec.command.clone().into_bytes(),
+    };
+    let mut request = holder::SPAWN_REQUEST.to_vec();
+    for a in args.to_argv() {
+        request.push(0);
+        request.extend_from_slice(a.as_bytes());
+    }
+    fdpass::send(
+        conn.as_raw_fd(),
+        &request,
+        &[dir.as_raw_fd(), status_w.as_raw_fd()],
+    )
+    .map_err(InCell::Unreachable)?;
+    drop(status_w);
+    let conn = async_fd(conn).map_err(|e| InCell::Failed(format!("holder socket: {e}")))?;
+    let (text, fds) = match tokio::time::timeout(STATUS_TIMEOUT, recv_async(&conn)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(InCell::Unreachable(e)),
+        Err(_) => return Err(InCell::Failed("the cell's holder did not answer".into())),
+    };
+    drop(conn);
+    if text.is_empty() {
+        // Closed without an answer: not a holder that serves requests.
+        return Err(InCell::Unreachable(io::Error::other("no answer")));
+    }
+    if let Some(why) = text.strip_prefix(b"error ") {
+        return Err(InCell::Failed(format!(
+            "the cell's holder: {}",
+            String::from_utf8_lossy(why)
+        )));
+    }
+    let pidfd = match (text.as_slice(), fds.into_iter().next()) {
+        (b"ok", Some(fd)) => fd,
+        _ => return Err(InCell::Failed("the cell's holder answered garbage".into())),
+    };
+    let shim = fdpass::pidfd_pid(&pidfd)
+        .and_then(ProcId::of)
+        .ok_or_else(|| InCell::Failed("the shim is gone".into()))?;
+    let kill = || {
+        let _ = proc::pidfd_send_signal(&pidfd, libc::SIGKILL);
+    };
+    let status = async_fd(status_r).map_err(|e| InCell::Failed(format!("status socket: {e}")))?;
+    let (line, fds) = match tokio::time::timeout(STATUS_TIMEOUT, recv_async(&status)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            kill();
+            return Err(InCell::Failed(format!(
+                "cannot read the shim's status: {e}"
+            )));
+        }
+        Err(_) => {
+            kill();
+            return Err(InCell::Failed(format!(
+                "the shim did not report within {STATUS_TIMEOUT:?}"
+            )));
+        }
+    };
+    let line = String::from_utf8_lossy(&line);
+    // The shim reports the pid in the cell's pid namespace; the daemon
+    // names processes by host pid, which the executable's pidfd tells
+    // (the shim does not reap it before we close the status socket).
+    let local = parse_status(&line).map_err(InCell::Failed)?;
+    let pid = fds.first().and_then(fdpass::pidfd_pid).ok_or_else(|| {
+        InCell::Failed(format!(
+            "the executable (pid {} in the cell) is gone",
+            local.pid
+        ))
+    })?;
+    drop(status);
+    Ok(Spawned {
+        shim,
+        pid: ProcId {
+            pid,
+            start: local.start,
+        },
+    })
+}
+
+fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    set_nonblocking(&fd)?;
+    // SAFETY: an OwnedFd keeps its one fd open until it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// One message (and its fds) from a non-blocking socket; empty at EOF.
+async fn recv_async(fd: &tokio::io::unix::AsyncFd<OwnedFd>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.try_io(|c| fdpass::recv(c.as_raw_fd(), &mut buf, 0)) {
+            Ok(r) => {
+                let (n, fds) = r?;
+                return Ok((buf[..n].to_vec(), fds));
+            }
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd of ours.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The shim's verdict: `ok <pid> <start>` or `error <text>`.
@@ -264,10 +453,43 @@ pub fn main() -> ! {
     supervise::main()
 }
 
+/// In a cell's holder (see `spawn::holder`): forks a shim from a spawn
+/// request, the shim's arguments (dir and status fds as `-1`, no pid
+/// namespace, cgroups or namespaces to enter: the holder is in them) and
+/// the fds `[dir, status]`. The child runs the shim's code without an
+/// exec. Returns its pid (in the holder's pid namespace).
+pub fn fork_in_cell(
+    argv: Vec<std::ffi::OsString>,
+    fds: Vec<OwnedFd>,
+) -> Result<libc::pid_t, String> {
+    let mut args = args::Args::parse(argv.into_iter())?;
+    let [dir, status]: [OwnedFd; 2] = fds
+        .try_into()
+        .map_err(|f: Vec<OwnedFd>| format!("expected 2 fds, got {}", f.len()))?;
+    if args.pid_ns.is_some() || !args.procs.is_empty() || !args.setns.is_empty() {
+        return Err("a shim forked in the cell enters nothing".into());
+    }
+    args.dir = dir.as_raw_fd();
+    args.status = status.as_raw_fd();
+    // SAFETY: the holder is single-threaded; the child only runs the shim
+    // (which owns the two fds from now on) and never returns.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", io::Error::last_os_error())),
+        0 => {
+            use std::os::fd::IntoRawFd;
+            let _ = (dir.into_raw_fd(), status.into_raw_fd());
+            // SAFETY: a constant C string; names this process in `ps`.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"aurae-shim".as_ptr()) };
+            set_cmdline(b"aurae-shim");
+            supervise::run_with(args, true)
+        }
+        pid => Ok(pid),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::proc;
     use format::{Channel, ExitRecord};
     use std::time::Instant;
 
@@ -285,6 +507,7 @@ mod tests {
             uid: None,
             gid: None,
             output_cap: format::DEFAULT_OUTPUT_CAP,
+            spawner: None,
         }
     }
 

@@ -38,6 +38,12 @@ pub(super) fn main() -> ! {
             std::process::exit(2)
         }
     };
+    run_with(args, false)
+}
+
+/// The shim with its arguments: as a program of its own (`in_cell`
+/// false), or forked by a cell's holder (see `super::fork_in_cell`).
+pub(super) fn run_with(args: Args, in_cell: bool) -> ! {
     if let Err(e) = check_fds(&args.fds()) {
         warn(&format!("bad command line: {e}"));
         std::process::exit(2)
@@ -45,7 +51,7 @@ pub(super) fn main() -> ! {
     // SAFETY: the status fd was handed to us (checked open above) and
     // nothing else owns it.
     let status = unsafe { OwnedFd::from_raw_fd(args.status) };
-    let mut shim = match start(&args, &status) {
+    let mut shim = match start(&args, &status, in_cell) {
         Ok(s) => s,
         Err(e) => {
             report(&status, &format!("error {e}"));
@@ -53,6 +59,15 @@ pub(super) fn main() -> ! {
         }
     };
     drop(status);
+    if in_cell {
+        // Inside the cell the kernel's OOM killer could pick the shim
+        // (charged to the cell's memory cgroup) and lose the executable's
+        // exit status and output: it is never the one to go. Set after
+        // the fork, so the executable keeps the value it had.
+        // Needs CAP_SYS_RESOURCE; without it the shim runs unprotected
+        // (not worth a warning per executable).
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    }
     shim.run()
 }
 
@@ -98,6 +113,44 @@ fn report(status: &OwnedFd, line: &str) {
     }
 }
 
+/// In a cell the pid is the cell's, and the daemon names processes by
+/// host pid: the status fd is a socket, and the report carries a pidfd of
+/// the executable, from which the daemon reads the host pid. Until the
+/// daemon has (it closes its end), the executable is not reaped, so the
+/// pidfd still names a pid however fast it exits.
+fn report_in_cell(status: &OwnedFd, pid: libc::pid_t, start: u64) {
+    let line = format!("ok {pid} {start}\n");
+    let pidfd = match proc::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => return report(status, &format!("error pidfd_open: {e}")),
+    };
+    if crate::host::spawn::fdpass::send(status.as_raw_fd(), line.as_bytes(), &[pidfd.as_raw_fd()])
+        .is_err()
+    {
+        // The daemon is gone: the executable runs on regardless.
+        return;
+    }
+    drop(pidfd);
+    // Bounded: a daemon that hangs does not stall the output for long.
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid option value of its size; then one read into a
+    // buffer of ours (EOF, or anything, ends the wait).
+    unsafe {
+        libc::setsockopt(
+            status.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let mut b = [0u8; 1];
+        libc::recv(status.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0);
+    }
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -108,7 +161,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// Everything before the executable runs: on error, the text for the
 /// daemon.
-fn start(args: &Args, status: &OwnedFd) -> Result<Shim, String> {
+fn start(args: &Args, status: &OwnedFd, in_cell: bool) -> Result<Shim, String> {
     let ctx = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
     // SAFETY: installing SIG_IGN for signals we never handle.
     unsafe {
@@ -190,7 +243,11 @@ fn start(args: &Args, status: &OwnedFd) -> Result<Shim, String> {
     // The child is ours and not reaped: at worst a zombie, so its stat is
     // there.
     let start = proc::stat(pid).map_or(0, |s| s.start);
-    report(status, &format!("ok {pid} {start}"));
+    if in_cell {
+        report_in_cell(status, pid, start);
+    } else {
+        report(status, &format!("ok {pid} {start}"));
+    }
     Ok(Shim {
         dir,
         child: pid,

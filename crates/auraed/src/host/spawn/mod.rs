@@ -15,6 +15,7 @@
 //! itself re-executed in holder mode (see [`holder`]), PID 1 of the cell's
 //! pid namespace, which only reaps orphans until it is killed.
 
+pub mod fdpass;
 pub mod holder;
 pub mod namespaces;
 pub mod reaper;
@@ -67,6 +68,9 @@ pub struct HolderSpec {
     /// A new network namespace with loopback up.
     pub new_network: bool,
     pub hostname: String,
+    /// Where the holder listens for spawn requests (see [`holder`]); None:
+    /// the daemon starts every shim itself.
+    pub socket: Option<PathBuf>,
 }
 
 /// A running holder and the namespaces it keeps alive. It is not tied to
@@ -82,6 +86,8 @@ pub struct Holder {
     pub ns: Arc<NsSet>,
     /// Whether it still runs; shared with the cells nested in it.
     pub life: Arc<HolderLife>,
+    /// Its spawn socket, if it serves one.
+    pub spawner: Option<PathBuf>,
 }
 
 /// A holder's liveness, answered from a pidfd (one poll, no /proc read:
@@ -106,7 +112,11 @@ impl HolderLife {
 }
 
 impl Holder {
-    fn new(pid: i32, intermediate: Option<i32>) -> Result<Self, SpawnError> {
+    fn new(
+        pid: i32,
+        intermediate: Option<i32>,
+        spawner: Option<PathBuf>,
+    ) -> Result<Self, SpawnError> {
         let gone = || SpawnError::Start {
             what: "holder",
             source: io::Error::other("it exited right away"),
@@ -122,12 +132,17 @@ impl Holder {
                 pid: id,
                 pidfd: Some(pidfd),
             }),
+            spawner,
         })
     }
 
     /// Takes over the holder a previous run of the daemon started; None if
     /// that process is gone.
-    pub fn adopt(pid: ProcId, intermediate: Option<ProcId>) -> Option<Self> {
+    pub fn adopt(
+        pid: ProcId,
+        intermediate: Option<ProcId>,
+        spawner: Option<PathBuf>,
+    ) -> Option<Self> {
         let pidfd = pid.open()?;
         let ns = NsSet::of_process(pid.pid).ok()?;
         // The namespaces were opened by pid: make sure it is still ours.
@@ -139,6 +154,7 @@ impl Holder {
                 pid,
                 pidfd: Some(pidfd),
             }),
+            spawner: spawner.filter(|p| p.exists()),
         })
     }
 
@@ -150,6 +166,9 @@ impl Holder {
     /// SIGKILLs the holder (ending its pid namespace) and its intermediate,
     /// and waits, bounded, for the holder to be gone.
     pub async fn kill(self, timeout: std::time::Duration) -> bool {
+        if let Some(p) = &self.spawner {
+            let _ = std::fs::remove_file(p);
+        }
         if let Some(i) = self.intermediate {
             i.signal(libc::SIGKILL);
         }
@@ -176,7 +195,9 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         return spawn_nested_holder(spec).await;
     }
     let procs = open_procs(&spec.procs_files)?;
+    let listener = listen(spec.socket.as_deref());
     let mut setup = ChildSetup {
+        spawn_fd: listener.as_ref().map(AsRawFd::as_raw_fd),
         procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
         setns: spec
             .parent_ns
@@ -204,10 +225,14 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
     } else {
         spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter)
     };
+    let serving = listener.is_some();
     let child = fork_with(pid_ns, move || {
         let mut cmd = Command::new(holder_program());
-        cmd.arg(HOLDER_ARG)
-            .env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
+        cmd.arg(HOLDER_ARG);
+        if serving {
+            cmd.arg(holder::SPAWN_ARG);
+        }
+        cmd.env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -223,14 +248,14 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         })
     })
     .await?;
-    drop(procs);
+    drop((procs, listener));
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or(SpawnError::Thread)?;
     // Not waited for here: dropped, tokio reaps it once it exits.
     drop(child);
-    Holder::new(pid, None)
+    Holder::new(pid, None, spec.socket.filter(|_| serving))
 }
 
 /// A new pid namespace inside a cell that already has one. A thread cannot
@@ -241,7 +266,10 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
 async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
     use tokio::io::AsyncBufReadExt;
     let procs = open_procs(&spec.procs_files)?;
+    let listener = listen(spec.socket.as_deref());
+    let serving = listener.is_some();
     let setup = ChildSetup {
+        spawn_fd: listener.as_ref().map(AsRawFd::as_raw_fd),
         procs: procs.iter().map(AsRawFd::as_raw_fd).collect(),
         setns: spec
             .parent_ns
@@ -260,8 +288,11 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter),
         move || {
             let mut cmd = Command::new(holder_program());
-            cmd.args([HOLDER_ARG, holder::NESTED, &hostname, net])
-                .env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
+            cmd.args([HOLDER_ARG, holder::NESTED, &hostname, net]);
+            if serving {
+                cmd.arg(holder::SPAWN_ARG);
+            }
+            cmd.env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
                 .current_dir("/")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -278,7 +309,7 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         },
     )
     .await?;
-    drop(procs);
+    drop((procs, listener));
     let not_ready = |why: String| SpawnError::Start {
         what: "nested holder",
         source: io::Error::other(why),
@@ -307,7 +338,29 @@ async fn spawn_nested_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| not_ready("its holder process is gone".into()))?;
     drop(child);
-    Holder::new(pid, Some(inter))
+    Holder::new(pid, Some(inter), spec.socket.filter(|_| serving))
+}
+
+/// The holder's listening spawn socket at `path` (root only); None (the
+/// daemon then starts the cell's shims itself) if it cannot be made.
+fn listen(path: Option<&std::path::Path>) -> Option<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = path?;
+    let _ = std::fs::remove_file(path);
+    match fdpass::seqpacket(path, true).and_then(|fd| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(fd)
+    }) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(
+                "cannot listen on {}: {e}; the daemon starts this cell's shims",
+                path.display()
+            );
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
 }
 
 fn open_procs(files: &[PathBuf]) -> Result<Vec<OwnedFd>, SpawnError> {
@@ -395,6 +448,8 @@ where
 /// Everything the forked child does before exec, prepared in the parent so
 /// that the child makes only async-signal-safe system calls.
 struct ChildSetup {
+    /// The holder's spawn socket, moved to fd [`holder::SPAWN_FD`] last.
+    spawn_fd: Option<RawFd>,
     procs: Vec<RawFd>,
     setns: Vec<(libc::c_int, RawFd)>,
     unshare: libc::c_int,
@@ -417,6 +472,9 @@ impl ChildSetup {
     /// root, before any namespace change), enter inherited namespaces, make
     /// new ones, and drop privileges last.
     fn apply(&self) -> io::Result<()> {
+        // The daemon raised its own open-file limit; workloads (forked by
+        // the holder's shims) get the one it was given.
+        crate::host::rlimit::restore_nofile();
         for &fd in &self.procs {
             // SAFETY: fd is an open cgroup.procs file; "0" means "me".
             if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
@@ -465,6 +523,17 @@ impl ChildSetup {
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setgid(gid))?;
                 check(libc::setuid(uid))?;
+            }
+        }
+        if let Some(fd) = self.spawn_fd {
+            // Last: the fds used above may have had that number.
+            if fd == holder::SPAWN_FD {
+                // SAFETY: clearing close-on-exec on an fd of ours.
+                check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })?;
+            } else {
+                // SAFETY: plain system call on an fd of ours; the copy has
+                // close-on-exec cleared.
+                check(unsafe { libc::dup2(fd, holder::SPAWN_FD) })?;
             }
         }
         Ok(())

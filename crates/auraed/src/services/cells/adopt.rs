@@ -58,7 +58,10 @@ impl Cells {
                 Err(why) => {
                     tracing::warn!("cannot re-adopt cell {}: {why}; forgotten", r.name);
                     report.cells_dropped += 1;
-                    if let Some(h) = r.holder {
+                    if let Some(h) = &r.holder {
+                        if let Some(p) = &h.socket {
+                            let _ = std::fs::remove_file(p);
+                        }
                         h.pid.signal(libc::SIGKILL);
                         if let Some(i) = h.intermediate {
                             i.signal(libc::SIGKILL);
@@ -112,14 +115,17 @@ impl Cells {
             .unwrap_or_default();
         let mut holder = None;
         let mut dead = false;
-        if let Some(h) = r.holder {
-            match Holder::adopt(h.pid, h.intermediate) {
+        if let Some(h) = &r.holder {
+            match Holder::adopt(h.pid, h.intermediate, h.socket.clone()) {
                 Some(h) => {
                     ns = Some(h.ns.clone());
                     ns_holders.push(h.life.clone());
                     holder = Some(h);
                 }
                 None => {
+                    if let Some(p) = &h.socket {
+                        let _ = std::fs::remove_file(p);
+                    }
                     ns_holders.push(HolderLife::dead(h.pid));
                     tracing::warn!(
                         "cell {name}: its holder (pid {}) is gone, and with it its namespaces; it cannot start executables until it is freed and allocated again",

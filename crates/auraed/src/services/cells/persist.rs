@@ -11,8 +11,12 @@
 //!
 //! The runtime directory is the right home: what it describes (processes,
 //! cgroups, namespaces) does not survive a reboot either. Every record is
-//! written whole (temp file, fsync, rename). A record that cannot be read
-//! is reported and its workload cleaned, never guessed at.
+//! written whole (temp file, rename; no fsync, see
+//! `format::write_atomic`). A record that cannot be read is reported and
+//! its workload cleaned, never guessed at.
+//!
+//! `holders/<id>.sock` are the spawn sockets of isolated cells' holders
+//! (see `host::spawn::holder`), named in their cells' records.
 
 use std::{
     io,
@@ -37,12 +41,16 @@ pub struct CellRecord {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderRecord {
     pub pid: ProcId,
     /// For a nested pid namespace: the intermediate process whose child
     /// the holder is (see `host::spawn::spawn_nested_holder`).
     pub intermediate: Option<ProcId>,
+    /// The holder's spawn socket (see `host::spawn::holder`); absent in
+    /// records of holders that serve none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The fields of an aurae `Cell`, as stored.
@@ -139,7 +147,7 @@ impl Store {
     /// Opens (and creates) `<runtime-dir>/state`.
     pub fn open(runtime_dir: &Path) -> io::Result<Self> {
         let root = runtime_dir.join("state");
-        for d in [root.join("cells"), root.join("execs")] {
+        for d in [root.join("cells"), root.join("execs"), root.join("holders")] {
             std::fs::create_dir_all(&d)?;
         }
         set_mode(&root, 0o700)?;
@@ -165,6 +173,18 @@ impl Store {
             .unwrap_or_default()
             .to_owned();
         format::write_atomic(&dir, &file, &data)
+    }
+
+    /// A fresh path for a holder's spawn socket, if it fits in a unix
+    /// socket address (else the cell goes without: the daemon starts its
+    /// shims itself).
+    pub fn new_holder_socket(&self) -> Option<PathBuf> {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let p = self
+            .root
+            .join("holders")
+            .join(format!("{:x}-{n}.sock", crate::logging::now_nanos()));
+        (p.as_os_str().len() < 108).then_some(p)
     }
 
     pub fn remove_cell(&self, name: &str) {
@@ -336,6 +356,7 @@ mod tests {
             holder: Some(HolderRecord {
                 pid: me,
                 intermediate: None,
+                socket: s.new_holder_socket(),
             }),
             created_at: 1,
         };

@@ -223,6 +223,7 @@ impl Cells {
                     .map(|h| HolderRecord {
                         pid: h.pid,
                         intermediate: h.intermediate,
+                        socket: h.spawner.clone(),
                     });
                 let record = CellRecord {
                     name: name.to_string(),
@@ -299,6 +300,7 @@ impl Cells {
                 new_process: spec.isolate_process,
                 new_network: spec.isolate_network,
                 hostname: name.leaf().to_owned(),
+                socket: self.store.new_holder_socket(),
             };
             match spawn::spawn_holder(hs).await {
                 Ok(h) => {
@@ -443,6 +445,15 @@ impl Cells {
             uid,
             gid,
             output_cap: self.output_cap,
+            // Only the cell's own holder is in its cgroups (a nested cell
+            // without one has cgroups of its own).
+            spawner: entry.and_then(|e| {
+                e.holder
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .and_then(|h| h.spawner.clone())
+            }),
         };
         let spawned = match shim::spawn(spec).await {
             Ok(s) => s,
