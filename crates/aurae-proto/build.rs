@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("aurae_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
+        // prost's codec with an encoder that reserves room first (src/codec.rs).
+        .codec_path("crate::codec::ProstCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -6,7 +6,7 @@ use std::io::Write;
 use aurae_client::{
     proto::observe::{
         GetAuraeDaemonLogStreamRequest, GetPosixSignalsStreamRequest, GetSubProcessStreamRequest,
-        LogChannelType, LogItem, Signal, Workload, WorkloadType,
+        LogBlock, LogChannelType, LogItem, Signal, Workload, WorkloadType,
     },
     Client,
 };
@@ -64,9 +64,11 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Fa
                 .get_sub_process_stream(GetSubProcessStreamRequest {
                     channel_type: channel.into(),
                     process_id: pid,
-                    // Extension: many lines per message (a daemon without it
-                    // ignores the field and sends them one by one in `item`).
+                    // Extensions: lines in blocks; from a daemon that has
+                    // only batches, many lines per message; from one that
+                    // has neither, one by one in `item`.
                     max_lines_per_message: OUTPUT_LINES_PER_MESSAGE,
+                    line_blocks: true,
                 })
                 .await
                 .map_err(status)?
@@ -74,6 +76,9 @@ pub async fn run(client: &Client, cmd: Command, json_out: bool) -> Result<(), Fa
             while let Some(r) = s.message().await.map_err(status)? {
                 for item in r.item.iter().chain(&r.items) {
                     out.log_buffered(item)?;
+                }
+                if let Some(b) = &r.block {
+                    out.block(b)?;
                 }
                 out.flush()?;
             }
@@ -123,6 +128,29 @@ impl Printer {
     fn log(&mut self, item: &LogItem) -> Result<(), Failure> {
         self.log_buffered(item)?;
         self.flush()
+    }
+
+    /// The lines of a block, without flushing: the text as it came, or
+    /// with `--json` one object per line as for a LogItem.
+    fn block(&mut self, b: &LogBlock) -> Result<(), Failure> {
+        if !self.json {
+            let r = self.stdout.write_all(b.text.as_bytes());
+            return Self::checked(r);
+        }
+        let mut ts = b
+            .timestamps
+            .iter()
+            .zip(&b.line_counts)
+            .flat_map(|(&t, &n)| std::iter::repeat_n(t, n as usize));
+        for line in b.text.split_terminator('\n') {
+            let item = LogItem {
+                channel: b.channel.clone(),
+                line: line.to_owned(),
+                timestamp: ts.next().unwrap_or(0),
+            };
+            self.log_buffered(&item)?;
+        }
+        Ok(())
     }
 
     /// Like [`Printer::log`], without flushing (call [`Printer::flush`]).

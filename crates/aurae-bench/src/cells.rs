@@ -49,6 +49,7 @@ pub async fn probe_observe(client: &Client) -> Result<(), String> {
             channel_type: LogChannelType::Stdout as i32,
             process_id: i32::MAX,
             max_lines_per_message: 0,
+            line_blocks: false,
         })
         .await;
     match r {
@@ -141,6 +142,7 @@ pub async fn wait_exit(client: &Client, mode: &ExitMode, pid: i32) -> anyhow::Re
                 channel_type: LogChannelType::Stdout as i32,
                 process_id: pid,
                 max_lines_per_message: 0,
+                line_blocks: false,
             })
             .await;
         if let Ok(resp) = r {

@@ -22,6 +22,8 @@ use crate::config::ClientConfig;
 /// The name on the server certificate that Aurae clients verify.
 pub const SERVER_NAME: &str = "server.unsafe.aurae.io";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control window per stream (the connection gets twice that).
+const STREAM_WINDOW: u32 = 2 << 20;
 
 /// Where the daemon listens: a unix socket path, or `IP:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,9 +81,15 @@ impl Client {
         let connector = TlsConnector::from(tls);
         let t = target.clone();
         // The URI is only a placeholder: the connector below decides where to go.
+        // HTTP/2 windows larger than the 64 KiB default: a stream of
+        // output sends up to ~640 KiB per message, and a small window
+        // makes the daemon wait for a window update several times per
+        // message instead of sending ahead.
         let endpoint = Endpoint::from_static("http://auraed.local")
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(2 * STREAM_WINDOW);
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let (t, connector) = (t.clone(), connector.clone());

@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 pub mod cells {
     tonic::include_proto!("aurae.cells.v0");
 }

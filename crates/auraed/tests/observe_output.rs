@@ -115,6 +115,7 @@ async fn batched_output_carries_every_line_once_in_order() {
         .observe()
         .get_sub_process_stream(GetSubProcessStreamRequest {
             max_lines_per_message: 1000,
+            line_blocks: false,
             ..output_req(pid, LogChannelType::Stdout)
         })
         .await
@@ -170,6 +171,80 @@ async fn batched_output_carries_every_line_once_in_order() {
         assert_eq!(r.item.expect("item").line, n.to_string(), "line {n}");
     }
     assert_eq!(n, 200_000);
+}
+
+/// The block extension (`line_blocks = 101`): a million lines, a line
+/// longer than the shim's 64 KiB cut, invalid UTF-8 and a last line
+/// without its newline all arrive, in order, each block's timestamps
+/// adding up to its lines; nothing in `item` or `items`.
+#[tokio::test]
+async fn line_blocks_carry_every_line_once_in_order() {
+    if !is_root() {
+        return skip("line_blocks_carry_every_line_once_in_order", "needs root");
+    }
+    let d = Daemon::start().await;
+    let c = d.client().await;
+    let gate = d.dir.path().join("gate");
+    let cmd = format!(
+        "while [ ! -e {g} ]; do sleep 0.01; done; seq 1 1000000; \
+         head -c 200000 /dev/zero | tr '\\0' x; echo; printf 'bad \\377'; echo; \
+         printf 'no newline'",
+        g = gate.display()
+    );
+    let pid = start(&c, None, &unique("blocks"), &cmd).await;
+    let mut s = c
+        .observe()
+        .get_sub_process_stream(GetSubProcessStreamRequest {
+            line_blocks: true,
+            ..output_req(pid, LogChannelType::Stdout)
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    std::fs::write(&gate, "").expect("open the gate");
+    let t = Instant::now();
+    let (mut lines, mut msgs) = (Vec::new(), 0u32);
+    while let Some(r) = tokio::time::timeout(STEP, s.message())
+        .await
+        .expect("stalled")
+        .expect("stream error")
+    {
+        msgs += 1;
+        assert!(r.item.is_none() && r.items.is_empty(), "not a block");
+        let b = r.block.expect("block");
+        assert_eq!(b.channel, "stdout");
+        assert!(b.text.ends_with('\n') && b.text.len() < 1 << 20);
+        assert_eq!(b.timestamps.len(), b.line_counts.len());
+        assert!(b.timestamps.iter().all(|&t| t > 1_600_000_000_000_000_000));
+        let before = lines.len();
+        lines.extend(b.text.split_terminator('\n').map(str::to_owned));
+        let counted: u32 = b.line_counts.iter().sum();
+        assert_eq!(
+            counted as usize,
+            lines.len() - before,
+            "timestamps per line"
+        );
+    }
+    eprintln!(
+        "{} lines in {msgs} blocks in {:?}",
+        lines.len(),
+        t.elapsed()
+    );
+    assert_eq!(lines.len(), 1_000_000 + 4 + 2);
+    for (k, l) in lines[..1_000_000].iter().enumerate() {
+        assert_eq!(l, &(k + 1).to_string(), "line {}", k + 1);
+    }
+    let long: Vec<usize> = lines[1_000_000..1_000_004]
+        .iter()
+        .map(String::len)
+        .collect();
+    assert_eq!(long, [65536, 65536, 65536, 200_000 - 3 * 65536]);
+    assert!(lines[1_000_000..1_000_004]
+        .iter()
+        .all(|l| l.bytes().all(|b| b == b'x')));
+    assert_eq!(lines[1_000_004], "bad \u{fffd}");
+    assert_eq!(lines[1_000_005], "no newline");
+    assert!(msgs < 1000, "{msgs} messages: not in blocks");
 }
 
 #[tokio::test]
@@ -298,6 +373,7 @@ async fn output_stream_errors() {
                 channel_type: bad,
                 process_id: pid,
                 max_lines_per_message: 0,
+                line_blocks: false,
             })
             .await;
         let e = r.map(|_| ()).expect_err("bad channel");

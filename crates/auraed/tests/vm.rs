@@ -229,6 +229,7 @@ async fn guest_run(guest: &Client, cell: Option<&str>, name: &str, script: &str)
             channel_type: LogChannelType::Stdout as i32,
             process_id: pid,
             max_lines_per_message: 0,
+            line_blocks: false,
         })
         .await
         .unwrap_or_else(|e| panic!("{name}'s output: {e:?}"))

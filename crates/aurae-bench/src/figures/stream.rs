@@ -26,6 +26,46 @@ use crate::{
 const LINE: usize = 1023;
 const CELL: &str = "stream";
 
+/// The decimal text of the next line `seq` writes, counted up in place:
+/// checking a line is a comparison, not a parse (at tens of millions of
+/// lines a second the check must not be what the row measures).
+struct Decimal {
+    /// The number `digits` spells.
+    at: u64,
+    digits: Vec<u8>,
+}
+
+impl Decimal {
+    fn new() -> Self {
+        Self {
+            at: 1,
+            digits: b"1".to_vec(),
+        }
+    }
+
+    /// Whether `line` is `no` in decimal (lines are checked in order, so
+    /// `no` is almost always one more than the last).
+    fn matches(&mut self, no: u64, line: &[u8]) -> bool {
+        if no != self.at {
+            self.at = no;
+            self.digits = no.to_string().into_bytes();
+        }
+        let ok = line == self.digits;
+        self.at += 1;
+        match self.digits.iter().rposition(|&d| d != b'9') {
+            Some(i) => {
+                self.digits[i] += 1;
+                self.digits[i + 1..].fill(b'0');
+            }
+            None => {
+                self.digits.fill(b'0');
+                self.digits.insert(0, b'1');
+            }
+        }
+        ok
+    }
+}
+
 /// What came through, and whether it is exactly what was written.
 struct Got {
     bytes: u64,
@@ -35,6 +75,7 @@ struct Got {
     /// Lines the daemon said were rotated away, and its first such note.
     lost: u64,
     lost_note: Option<String>,
+    expect: Decimal,
 }
 
 impl Got {
@@ -46,6 +87,7 @@ impl Got {
             bad: None,
             lost: 0,
             lost_note: None,
+            expect: Decimal::new(),
         }
     }
 }
@@ -112,10 +154,48 @@ fn digits(k: u64) -> u64 {
 /// (`max_lines_per_message`, an API extension).
 const BATCH: u32 = 1024;
 
-/// Through auraed: Start in a cell, then GetSubProcessStream(stdout), with
-/// `max_lines_per_message` = `batch` (0: the field absent, one line per
-/// message as upstream).
-async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str, batch: u32) -> anyhow::Result<Got> {
+/// How the client asks for its lines.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One line per message (no extension field: upstream's behaviour).
+    One,
+    /// `max_lines_per_message` = BATCH: LogItems in `items`.
+    Items,
+    /// `line_blocks`: lines in one text per message (`block`).
+    Blocks,
+}
+
+impl Got {
+    /// Counts and checks one received line.
+    fn line(&mut self, load: &Load, line: &str) {
+        if let Some(n) = rotated_away(line) {
+            self.lost += n;
+            self.lost_note.get_or_insert_with(|| line.to_owned());
+            return;
+        }
+        self.lines += 1;
+        self.bytes += line.len() as u64 + 1;
+        // Line numbers count the lost lines too.
+        let no = self.lines + self.lost;
+        let ok = match load {
+            Load::Bytes(_) => line.len() == LINE,
+            Load::Lines(_) => self.expect.matches(no, line.as_bytes()),
+        };
+        if !ok && self.bad.is_none() {
+            self.bad = Some(format!("line {no} differs: {line:.80}"));
+        }
+    }
+
+    fn bad(&mut self, why: impl FnOnce() -> String) {
+        if self.bad.is_none() {
+            self.bad = Some(why());
+        }
+    }
+}
+
+/// Through auraed: Start in a cell, then GetSubProcessStream(stdout) in
+/// the given shape.
+async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str, shape: Shape) -> anyhow::Result<Got> {
     let cmd = format!("sleep 0.2; {}", load.command());
     let pid = cells::start(&ctx.client, CELL, exe, &cmd).await?;
     let r = async {
@@ -125,7 +205,8 @@ async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str, batch: u32) -> anyhow::Re
             .get_sub_process_stream(GetSubProcessStreamRequest {
                 channel_type: LogChannelType::Stdout as i32,
                 process_id: pid,
-                max_lines_per_message: batch,
+                max_lines_per_message: if shape == Shape::Items { BATCH } else { 0 },
+                line_blocks: shape == Shape::Blocks,
             })
             .await
             .context("GetSubProcessStream")?
@@ -135,28 +216,35 @@ async fn via_auraed(ctx: &Ctx, load: &Load, exe: &str, batch: u32) -> anyhow::Re
         while let Some(m) = s.message().await.context("GetSubProcessStream")? {
             let t = *t0.get_or_insert_with(Instant::now);
             got.secs = t.elapsed().as_secs_f64();
-            if batch > 1 && m.item.is_some() && got.bad.is_none() {
-                got.bad = Some("a batched response has `item` set".into());
-            }
-            // One line per message: `item` (an empty line if unset, as
-            // before); batched: the lines in `items`.
-            let one = (batch <= 1).then(|| m.item.map(|i| i.line).unwrap_or_default());
-            for line in one.into_iter().chain(m.items.into_iter().map(|i| i.line)) {
-                if let Some(n) = rotated_away(&line) {
-                    got.lost += n;
-                    got.lost_note.get_or_insert(line);
-                    continue;
+            match shape {
+                // `item` (an empty line if unset, as before).
+                Shape::One => got.line(load, &m.item.map(|i| i.line).unwrap_or_default()),
+                Shape::Items => {
+                    if m.item.is_some() {
+                        got.bad(|| "a batched response has `item` set".into());
+                    }
+                    for i in m.items {
+                        got.line(load, &i.line);
+                    }
                 }
-                got.lines += 1;
-                got.bytes += line.len() as u64 + 1;
-                // Line numbers count the lost lines too.
-                let no = got.lines + got.lost;
-                let ok = match load {
-                    Load::Bytes(_) => line.len() == LINE,
-                    Load::Lines(_) => line.parse::<u64>().ok() == Some(no),
-                };
-                if !ok && got.bad.is_none() {
-                    got.bad = Some(format!("line {no} differs: {line:.80}"));
+                Shape::Blocks => {
+                    let Some(b) = m.block else {
+                        got.bad(|| "a response without `block`".into());
+                        continue;
+                    };
+                    let counted: u64 = b.line_counts.iter().map(|&n| u64::from(n)).sum();
+                    if b.timestamps.len() != b.line_counts.len() || !b.text.ends_with('\n') {
+                        got.bad(|| "a malformed block".into());
+                    }
+                    let before = got.lines + got.lost;
+                    for line in b.text.split_terminator('\n') {
+                        got.line(load, line);
+                    }
+                    // (A rotation note counts as the lines it stands for.)
+                    let (lines, note) = (got.lines + got.lost - before, got.lost > 0);
+                    if counted != lines && !note {
+                        got.bad(|| format!("a block of {lines} lines with {counted} timestamps"));
+                    }
                 }
             }
         }
@@ -232,18 +320,21 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             Load::Bytes(_) => g.bytes as f64 / 1e6 / g.secs.max(1e-9),
             Load::Lines(_) => g.lines as f64 / g.secs.max(1e-9),
         };
-        let mut notes: Vec<Option<String>> = vec![None; 3 + ctx.runtimes.len()];
+        const SHAPES: [Shape; 3] = [Shape::One, Shape::Items, Shape::Blocks];
+        let ns = SHAPES.len();
+        let mut notes: Vec<Option<String>> = vec![None; ns + 1 + ctx.runtimes.len()];
         let ours = || match &cell_ok {
             Ok(()) => Series::default(),
             Err(e) => Series::failed(e.clone()),
         };
-        let mut series: Vec<Series> = vec![ours(), ours(), Series::default()];
+        let mut series: Vec<Series> = SHAPES.iter().map(|_| ours()).collect();
+        series.push(Series::default());
         series.extend(ctx.oci_series());
         for run in 0..s.stream_runs {
-            let (head, tail) = series.split_at_mut(2);
-            for (k, (ser, batch)) in head.iter_mut().zip([0, BATCH]).enumerate() {
+            let (head, tail) = series.split_at_mut(ns);
+            for (k, (ser, shape)) in head.iter_mut().zip(SHAPES).enumerate() {
                 ser.sample(|| async {
-                    let g = via_auraed(ctx, load, &format!("s{li}r{run}b{k}"), batch).await?;
+                    let g = via_auraed(ctx, load, &format!("s{li}r{run}b{k}"), shape).await?;
                     notes[k] = g.bad.clone().or(notes[k].take());
                     Ok(rate(&g))
                 })
@@ -254,7 +345,7 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             tail[0]
                 .sample(|| async {
                     let g = via_pipe(local, load).await?;
-                    notes[2] = g.bad.clone().or(notes[2].take());
+                    notes[ns] = g.bad.clone().or(notes[ns].take());
                     Ok(rate(&g))
                 })
                 .await;
@@ -265,7 +356,7 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
                             o.bundle(&format!("stream{li}"), &["/bin/sh", "-c", &load.command()])?;
                         let (cmd, _) = o.run_command(&b, false);
                         let g = via_pipe(cmd, load).await?;
-                        notes[3 + i] = g.bad.clone().or(notes[3 + i].take());
+                        notes[ns + 1 + i] = g.bad.clone().or(notes[ns + 1 + i].take());
                         Ok(rate(&g))
                     })
                     .await;
@@ -287,6 +378,12 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
                 unit,
             ),
             it.next().unwrap_or_default().row(
+                &format!("auraed_blocks_{what}"),
+                "auraed: GetSubProcessStream, line blocks (line_blocks)",
+                Kind::Ours,
+                unit,
+            ),
+            it.next().unwrap_or_default().row(
                 &format!("floor_{what}"),
                 "floor: sh -c … | benchmark reads the pipe",
                 Kind::Floor,
@@ -300,6 +397,27 @@ pub async fn figures(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
                 Kind::Baseline,
                 unit,
             ));
+        }
+        // Every way of ours beside the floor (the table's ratio column
+        // compares only the first row of ours).
+        let p50 = |id: &str| {
+            rows.iter()
+                .find(|r| r.id == id)
+                .and_then(|r| r.stats.as_ref())
+                .map(|s| s.p50)
+        };
+        if let Some(floor) = p50(&format!("floor_{what}")).filter(|&f| f > 0.0) {
+            let each: Vec<String> = [
+                ("one per message", ""),
+                ("batched", "batched_"),
+                ("line blocks", "blocks_"),
+            ]
+            .iter()
+            .filter_map(|(label, id)| {
+                p50(&format!("auraed_{id}{what}")).map(|p| format!("{label} {:.2}×", p / floor))
+            })
+            .collect();
+            f.note(format!("auraed ÷ floor (p50): {}", each.join(", ")));
         }
         for (r, n) in rows.into_iter().zip(notes) {
             f.row(match (n, r.stats.is_some()) {
@@ -337,6 +455,19 @@ mod tests {
         );
         assert_eq!(rotated_away("12345"), None);
         assert_eq!(rotated_away(&"x".repeat(LINE)), None);
+    }
+
+    #[test]
+    fn decimal_counts_like_seq() {
+        let mut d = Decimal::new();
+        for n in 1..=100_500u64 {
+            assert!(d.matches(n, n.to_string().as_bytes()), "{n}");
+        }
+        assert!(!d.matches(100_501, b"100500"));
+        // After a gap (lost lines) it follows the number it is given.
+        assert!(d.matches(999_999, b"999999"));
+        assert!(d.matches(1_000_000, b"1000000"));
+        assert!(!d.matches(1_000_001, b"1000000"));
     }
 
     #[test]

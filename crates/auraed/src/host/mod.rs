@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod ebpf;
 pub mod hypervisor;
+pub mod memory;
 pub mod proc;
 pub mod rlimit;
 pub mod shim;

@@ -83,6 +83,7 @@ pub fn output_req(pid: i32, channel: LogChannelType) -> GetSubProcessStreamReque
         channel_type: channel.into(),
         process_id: pid,
         max_lines_per_message: 0,
+        line_blocks: false,
     }
 }
 

@@ -524,9 +524,14 @@ mod tests {
     }
 
     fn lines(dir: &Path, name: &str) -> Vec<String> {
-        read(dir, name)
-            .lines()
-            .map(|l| String::from_utf8_lossy(format::decode_line(l.as_bytes()).1).into_owned())
+        stamped(dir, name).into_iter().map(|(_, l)| l).collect()
+    }
+
+    fn stamped(dir: &Path, name: &str) -> Vec<(i64, String)> {
+        let data = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        format::decode_file(&data)
+            .into_iter()
+            .map(|(ts, l)| (ts, String::from_utf8_lossy(l).into_owned()))
             .collect()
     }
 
@@ -573,7 +578,7 @@ mod tests {
         assert_eq!(read(d.path(), "stdout.end"), "3");
         assert_eq!(lines(d.path(), "stderr.0"), ["err"]);
         assert_eq!(read(d.path(), "stderr.end"), "1");
-        let (ts, _) = format::decode_line(read(d.path(), "stdout.0").as_bytes());
+        let ts = stamped(d.path(), "stdout.0")[0].0;
         assert!((ts - exit.at).abs() < 60_000_000_000, "{ts} vs {}", exit.at);
     }
 

@@ -1,6 +1,7 @@
 //! One output channel of an executable, as the shim writes it: bytes from
-//! the pipe cut into lines, stamped, appended to `<channel>.<seq>` files in
-//! the executable's directory, rotated at half the cap (see [`format`]).
+//! the pipe cut into lines, each read's lines one block stamped with the
+//! time of the read, appended to `<channel>.<seq>` files in the
+//! executable's directory, rotated at half the cap (see [`format`]).
 //!
 //! Writing never stops reading: if a write fails, the lines are dropped
 //! (still counted), the failure is reported once on stderr, and the next
@@ -36,7 +37,10 @@ pub(super) struct Output {
     seq: u64,
     /// Lines written (or dropped): `buf` holds lines `flushed..seq`.
     flushed: u64,
+    /// Encoded records not written yet (see [`format`]).
     buf: Vec<u8>,
+    /// Where the header of the block being filled is in `buf`.
+    block: Option<usize>,
     /// The start of a line whose newline has not come yet.
     partial: Vec<u8>,
     /// A failure was reported and nothing has been written since.
@@ -59,32 +63,65 @@ impl Output {
             seq: 0,
             flushed: 0,
             buf: Vec::new(),
+            block: None,
             partial: Vec::new(),
             failing: false,
             ended: false,
         })
     }
 
-    /// Takes bytes read from the pipe at `now` (nanoseconds since the epoch).
-    pub fn feed(&mut self, mut data: &[u8], now: i64) {
-        while let Some(nl) = data.iter().position(|&b| b == b'\n') {
-            let mut line = &data[..nl];
-            data = &data[nl + 1..];
-            if self.partial.is_empty() {
+    /// Takes bytes read from the pipe at `now` (nanoseconds since the
+    /// epoch): its complete lines become one block stamped `now`.
+    pub fn feed(&mut self, data: &[u8], now: i64) {
+        let Some(last) = memchr::memrchr(b'\n', data) else {
+            self.push_partial(data, now);
+            self.close_block();
+            return;
+        };
+        let (mut lines, rest) = data.split_at(last + 1);
+        if !self.partial.is_empty() {
+            // The first newline completes the line begun before.
+            let nl = memchr::memchr(b'\n', lines).unwrap_or(lines.len() - 1);
+            self.push_partial(&lines[..nl], now);
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line, now);
+            self.partial = line;
+            self.partial.clear();
+            lines = &lines[nl + 1..];
+        }
+        self.emit_lines(lines, now);
+        self.push_partial(rest, now);
+        self.close_block();
+        if self.buf.len() >= FLUSH_AT {
+            self.flush();
+        }
+    }
+
+    /// Appends complete lines (each ending in '\n'): copied at once, unless
+    /// one of them is longer than MAX_LINE and must be split.
+    fn emit_lines(&mut self, lines: &[u8], now: i64) {
+        if lines.is_empty() {
+            return;
+        }
+        let (mut n, mut prev, mut long) = (0u64, 0usize, false);
+        for nl in memchr::memchr_iter(b'\n', lines) {
+            long |= nl - prev > format::MAX_LINE;
+            prev = nl + 1;
+            n += 1;
+        }
+        if long {
+            for mut line in lines[..lines.len() - 1].split(|&c| c == b'\n') {
                 while line.len() > format::MAX_LINE {
                     self.emit(&line[..format::MAX_LINE], now);
                     line = &line[format::MAX_LINE..];
                 }
                 self.emit(line, now);
-            } else {
-                self.push_partial(line, now);
-                let line = std::mem::take(&mut self.partial);
-                self.emit(&line, now);
-                self.partial = line;
-                self.partial.clear();
             }
+            return;
         }
-        self.push_partial(data, now);
+        self.open_block(now);
+        self.buf.extend_from_slice(lines);
+        self.seq += n;
     }
 
     /// Adds the start of a line; a piece of MAX_LINE bytes becomes a line of
@@ -103,16 +140,29 @@ impl Output {
         }
     }
 
+    /// Appends one line (without its newline) to the open block.
     fn emit(&mut self, text: &[u8], now: i64) {
-        format::encode_line(&mut self.buf, now, text);
+        self.open_block(now);
+        self.buf.extend_from_slice(text);
+        self.buf.push(b'\n');
         self.seq += 1;
-        if self.buf.len() >= FLUSH_AT {
-            self.flush();
+    }
+
+    fn open_block(&mut self, now: i64) {
+        if self.block.is_none() {
+            self.block = Some(format::begin_block(&mut self.buf, now));
+        }
+    }
+
+    fn close_block(&mut self) {
+        if let Some(at) = self.block.take() {
+            format::end_block(&mut self.buf, at);
         }
     }
 
     /// Writes the buffered lines; rotates if the file is full.
     pub fn flush(&mut self) {
+        self.close_block();
         if self.buf.is_empty() {
             return;
         }
@@ -136,8 +186,10 @@ impl Output {
         }
         self.flushed = self.seq;
         self.buf.clear();
-        // A burst may have grown the buffer; give the memory back.
-        if self.buf.capacity() > 2 * FLUSH_AT + format::MAX_LINE {
+        // A burst may have grown the buffer; give the memory back. (A feed
+        // adds at most a read of the pipe and a partial line to the
+        // FLUSH_AT held before it.)
+        if self.buf.capacity() > 4 * FLUSH_AT {
             self.buf = Vec::new();
         }
         if self.file.is_some() && self.size >= self.half_cap {
@@ -189,7 +241,8 @@ impl Output {
         self.file = None;
         self.ended = true;
         let name = self.channel.end_file();
-        if let Err(e) = format::write_atomic_at(&self.dir, &name, self.seq.to_string().as_bytes()) {
+        if let Err(e) = format::write_replaced_at(&self.dir, &name, self.seq.to_string().as_bytes())
+        {
             self.failing = false;
             self.report(&format!("write {name}"), &e);
         }
@@ -236,9 +289,9 @@ mod tests {
 
     fn lines(dir: &std::path::Path, name: &str) -> Vec<Vec<u8>> {
         let data = std::fs::read(dir.join(name)).unwrap();
-        data.split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| format::decode_line(l).1.to_vec())
+        format::decode_file(&data)
+            .into_iter()
+            .map(|(_, l)| l.to_vec())
             .collect()
     }
 
@@ -287,6 +340,35 @@ mod tests {
         o.feed(b"\n", 1);
         o.end();
         assert_eq!(std::fs::read(d2.path().join("stdout.end")).unwrap(), b"7");
+    }
+
+    #[test]
+    fn one_block_per_read_stamped_with_its_time() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = output(&d, u64::MAX);
+        o.feed(b"a\nb\npart", 100);
+        o.feed(b"ial\n", 200);
+        o.feed(b"no newline yet", 300);
+        o.feed(b"\nc\n", 400);
+        o.end();
+        let data = std::fs::read(d.path().join("stdout.0")).unwrap();
+        assert_eq!(data[0], format::BLOCK);
+        let got: Vec<(i64, &[u8])> = format::decode_file(&data);
+        let want: Vec<(i64, &[u8])> = vec![
+            (100, b"a"),
+            (100, b"b"),
+            (200, b"partial"),
+            (400, b"no newline yet"),
+            (400, b"c"),
+        ];
+        assert_eq!(got, want);
+        // Three blocks (the read without a newline made none).
+        let headers = data.iter().filter(|&&c| c == format::BLOCK).count();
+        assert_eq!(headers, 3);
+        assert_eq!(
+            data.len(),
+            3 * format::BLOCK_HEADER_LEN + "a\nb\npartial\nno newline yet\nc\n".len()
+        );
     }
 
     #[test]

@@ -125,11 +125,96 @@ pub struct Line {
     pub text: String,
 }
 
+/// Consecutive lines as they were stored: their text in one buffer (no
+/// allocation per line), their timestamps run-length encoded (the shim
+/// stamps all lines of one read of the pipe with the same time).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Each line's bytes followed by '\n' (as the executable wrote them:
+    /// not necessarily UTF-8).
+    text: Vec<u8>,
+    /// (timestamp, lines) in order; never a run of 0 lines.
+    runs: Vec<(i64, u32)>,
+    lines: usize,
+}
+
+impl Batch {
+    /// Lines in the batch.
+    pub fn len(&self) -> usize {
+        self.lines
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines == 0
+    }
+
+    /// The lines' bytes, each followed by '\n'.
+    pub fn text(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// (timestamp, number of lines) runs, in order.
+    pub fn runs(&self) -> &[(i64, u32)] {
+        &self.runs
+    }
+
+    /// The text (each line followed by '\n') and the runs.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<(i64, u32)>) {
+        (self.text, self.runs)
+    }
+
+    /// (timestamp, text without newline) of each line, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (i64, &[u8])> + '_ {
+        let mut runs = self
+            .runs
+            .iter()
+            .flat_map(|&(ts, n)| std::iter::repeat_n(ts, n as usize));
+        let mut rest = &self.text[..];
+        std::iter::from_fn(move || {
+            let nl = memchr::memchr(b'\n', rest)?;
+            let line = &rest[..nl];
+            rest = &rest[nl + 1..];
+            Some((runs.next().unwrap_or(0), line))
+        })
+    }
+
+    /// The lines with their text as (lossy) UTF-8.
+    pub fn to_lines(&self) -> Vec<Line> {
+        self.iter()
+            .map(|(timestamp, t)| Line {
+                timestamp,
+                text: String::from_utf8_lossy(t).into_owned(),
+            })
+            .collect()
+    }
+
+    /// Adds one line (`text` without its newline).
+    pub fn push(&mut self, timestamp: i64, text: &[u8]) {
+        self.text.extend_from_slice(text);
+        self.text.push(b'\n');
+        self.add_run(timestamp, 1);
+    }
+
+    /// Adds `n` lines, `lines` being their bytes each followed by '\n'.
+    fn push_lines(&mut self, timestamp: i64, lines: &[u8], n: u32) {
+        self.text.extend_from_slice(lines);
+        self.add_run(timestamp, n);
+    }
+
+    fn add_run(&mut self, timestamp: i64, n: u32) {
+        self.lines += n as usize;
+        match self.runs.last_mut() {
+            Some((ts, k)) if *ts == timestamp && k.checked_add(n).is_some() => *k += n,
+            _ => self.runs.push((timestamp, n)),
+        }
+    }
+}
+
 /// What [`OutputReader::next`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadEvent {
     /// The next lines, in order (never empty).
-    Lines(Vec<Line>),
+    Lines(Batch),
     /// This many lines were rotated away before the reader got to them;
     /// the lines that follow come after them.
     Lost(u64),
@@ -159,6 +244,10 @@ pub struct OutputReader {
     /// Unparsed bytes (a partial line) are `buf[start..end]`.
     start: usize,
     end: usize,
+    /// Inside a block (format 2): its timestamp and the bytes of it that
+    /// are not parsed yet (0: at a record boundary).
+    block_ts: i64,
+    block_left: usize,
     /// `.end` was seen and everything was read once more since.
     end_rechecked: bool,
     shim_dead: bool,
@@ -227,6 +316,8 @@ impl OutputReader {
             buf: vec![0; READ_BUFFER],
             start: 0,
             end: 0,
+            block_ts: 0,
+            block_left: 0,
             end_rechecked: false,
             shim_dead: false,
             last_liveness: None,
@@ -301,21 +392,17 @@ impl OutputReader {
                 Oldest::NoFile => self.idle(),
             };
         }
-        let mut lines = Vec::new();
-        self.read_batch(&mut lines)?;
-        if !lines.is_empty() {
-            return Ok(Step::Event(ReadEvent::Lines(lines)));
+        let mut batch = Batch::default();
+        self.read_batch(&mut batch)?;
+        if !batch.is_empty() {
+            return Ok(Step::Event(ReadEvent::Lines(batch)));
         }
         self.at_eof()
     }
 
     /// Reads from the current file until its end (for now) or a batch is
     /// full, appending complete lines.
-    fn read_batch(&mut self, out: &mut Vec<Line>) -> io::Result<()> {
-        let Some((_, file)) = self.cur.as_mut() else {
-            return Ok(());
-        };
-        let mut bytes = 0;
+    fn read_batch(&mut self, out: &mut Batch) -> io::Result<()> {
         loop {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -325,11 +412,15 @@ impl OutputReader {
             if self.end == self.buf.len() {
                 // A "line" longer than any the shim writes: cut it rather
                 // than grow the buffer.
-                out.push(to_line(&self.buf[..self.end]));
+                let (ts, in_block) = (self.block_ts, self.block_left > 0);
+                self.block_left = self.block_left.saturating_sub(self.end);
+                push_stored(out, &self.buf[..self.end], in_block, ts);
                 self.next_line += 1;
-                bytes += self.end;
                 self.end = 0;
             }
+            let Some((_, file)) = self.cur.as_mut() else {
+                return Ok(());
+            };
             let n = match file.read(&mut self.buf[self.end..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -339,23 +430,59 @@ impl OutputReader {
                 return Ok(());
             }
             self.end += n;
-            if out.capacity() == 0 {
-                // A guess that fits many short lines without regrowing.
-                out.reserve(256);
+            if out.text.capacity() == 0 {
+                // A full read means more is likely waiting: room for a whole
+                // batch at once rather than regrowing the text buffer.
+                out.text.reserve(if n >= READ_BUFFER / 2 {
+                    BATCH_BYTES + READ_BUFFER
+                } else {
+                    n
+                });
             }
-            let before = out.len();
-            let mut pos = 0;
-            while let Some(i) = find_newline(&self.buf[pos..self.end]) {
-                out.push(to_line(&self.buf[pos..pos + i]));
-                pos += i + 1;
-            }
-            self.next_line += (out.len() - before) as u64;
-            bytes += pos;
-            self.start = pos;
-            if bytes >= BATCH_BYTES {
+            self.parse(out);
+            if out.text.len() >= BATCH_BYTES {
                 return Ok(());
             }
         }
+    }
+
+    /// Moves the complete lines of `buf[start..end]` to `out`.
+    fn parse(&mut self, out: &mut Batch) {
+        let (buf, end) = (&self.buf, self.end);
+        let mut pos = self.start;
+        while pos < end {
+            if self.block_left > 0 {
+                // Inside a block: its complete lines, at once.
+                let avail = &buf[pos..end.min(pos + self.block_left)];
+                let Some(last) = memchr::memrchr(b'\n', avail) else {
+                    break;
+                };
+                let lines = &avail[..=last];
+                let n = memchr::memchr_iter(b'\n', lines).count();
+                out.push_lines(self.block_ts, lines, n as u32);
+                self.next_line += n as u64;
+                self.block_left -= lines.len();
+                pos += lines.len();
+                continue;
+            }
+            let Some(nl) = memchr::memchr(b'\n', &buf[pos..end]) else {
+                break;
+            };
+            let record = &buf[pos..pos + nl];
+            pos += nl + 1;
+            if record.first() == Some(&format::BLOCK) {
+                if let Some((ts, len)) = format::parse_block_header(record) {
+                    self.block_ts = ts;
+                    self.block_left = len;
+                    continue;
+                }
+            }
+            // A line of format 1 (or a damaged header, kept as text).
+            let (ts, text) = format::decode_line(record);
+            out.push(ts, text);
+            self.next_line += 1;
+        }
+        self.start = pos;
     }
 
     /// The current file has nothing more for now.
@@ -366,11 +493,14 @@ impl OutputReader {
             // just hit the end came after it was seen).
             let partial = (self.start < self.end).then(|| {
                 self.next_line += 1;
-                to_line(&self.buf[self.start..self.end])
+                let mut b = Batch::default();
+                let stored = &self.buf[self.start..self.end];
+                push_stored(&mut b, stored, self.block_left > 0, self.block_ts);
+                b
             });
             self.switch_to(seq, f);
             return Ok(match partial {
-                Some(l) => Step::Event(ReadEvent::Lines(vec![l])),
+                Some(b) => Step::Event(ReadEvent::Lines(b)),
                 None => Step::Again,
             });
         }
@@ -484,6 +614,7 @@ impl OutputReader {
         self.cur = Some((seq, f));
         self.start = 0;
         self.end = 0;
+        self.block_left = 0;
         self.end_rechecked = false;
     }
 
@@ -523,24 +654,15 @@ impl OutputReader {
     }
 }
 
-fn to_line(stored: &[u8]) -> Line {
-    let (timestamp, text) = format::decode_line(stored);
-    Line {
-        timestamp,
-        text: String::from_utf8_lossy(text).into_owned(),
-    }
-}
-
-/// The index of the first '\n' in `s` (libc's vectorised memchr: the scan
-/// is most of the per-byte cost of reading).
-fn find_newline(s: &[u8]) -> Option<usize> {
-    // SAFETY: memchr reads at most `s.len()` bytes from `s.as_ptr()`, all
-    // inside the slice, and returns null or a pointer into it.
-    let p = unsafe { libc::memchr(s.as_ptr().cast(), i32::from(b'\n'), s.len()) };
-    if p.is_null() {
-        None
+/// Adds stored bytes that are not a complete record (a torn write, a cut
+/// overlong line) as one line: text of the block being read, or a line of
+/// format 1.
+fn push_stored(out: &mut Batch, stored: &[u8], in_block: bool, block_ts: i64) {
+    if in_block {
+        out.push(block_ts, stored);
     } else {
-        Some(p as usize - s.as_ptr() as usize)
+        let (ts, text) = format::decode_line(stored);
+        out.push(ts, text);
     }
 }
 
@@ -724,9 +846,15 @@ mod tests {
         lines: u64,
         files: VecDeque<u64>,
         pending: Vec<u8>,
+        /// Format 2 (blocks, as today's shim) rather than format 1 (a
+        /// timestamp per line, as older shims): the open block's header
+        /// position in `pending` and its timestamp.
+        blocks: bool,
+        block: Option<(usize, i64)>,
     }
 
     impl ShimWriter {
+        /// Writes format 1 (lines of older shims).
         fn new(dir: &Path, channel: Channel, half_cap: u64) -> Self {
             let file = File::create(dir.join(channel.file(0))).unwrap();
             Self {
@@ -738,13 +866,49 @@ mod tests {
                 lines: 0,
                 files: VecDeque::from([0]),
                 pending: Vec::new(),
+                blocks: false,
+                block: None,
+            }
+        }
+
+        /// Writes format 2: consecutive lines with the same timestamp go
+        /// into one block.
+        fn blocks(dir: &Path, channel: Channel, half_cap: u64) -> Self {
+            Self {
+                blocks: true,
+                ..Self::new(dir, channel, half_cap)
+            }
+        }
+
+        fn either(blocks: bool, dir: &Path, channel: Channel, half_cap: u64) -> Self {
+            if blocks {
+                Self::blocks(dir, channel, half_cap)
+            } else {
+                Self::new(dir, channel, half_cap)
+            }
+        }
+
+        fn close_block(&mut self) {
+            if let Some((at, _)) = self.block.take() {
+                format::end_block(&mut self.pending, at);
             }
         }
 
         /// Buffers one line; written by `flush` (or when a chunk is full,
         /// or the file must rotate).
         fn push(&mut self, ts: i64, text: &[u8]) {
-            format::encode_line(&mut self.pending, ts, text);
+            if self.blocks {
+                if self.block.is_some_and(|(_, t)| t != ts) {
+                    self.close_block();
+                }
+                if self.block.is_none() {
+                    self.block = Some((format::begin_block(&mut self.pending, ts), ts));
+                }
+                self.pending.extend_from_slice(text);
+                self.pending.push(b'\n');
+            } else {
+                format::encode_line(&mut self.pending, ts, text);
+            }
             self.lines += 1;
             if self.file_bytes + self.pending.len() as u64 >= self.half_cap {
                 self.flush();
@@ -760,6 +924,7 @@ mod tests {
         }
 
         fn flush(&mut self) {
+            self.close_block();
             self.file.write_all(&self.pending).unwrap();
             self.file_bytes += self.pending.len() as u64;
             self.pending.clear();
@@ -835,7 +1000,7 @@ mod tests {
         while i < range.end {
             match next(r).await {
                 ReadEvent::Lines(lines) => {
-                    for l in lines {
+                    for l in lines.to_lines() {
                         assert_eq!(l.text, text(i), "line {i}");
                         assert_eq!(l.timestamp, i as i64);
                         i += 1;
@@ -845,6 +1010,13 @@ mod tests {
             }
         }
         assert_eq!(i, range.end, "read past the range");
+    }
+
+    fn lines_of(e: ReadEvent) -> Vec<Line> {
+        match e {
+            ReadEvent::Lines(b) => b.to_lines(),
+            e => panic!("expected lines, got {e:?}"),
+        }
     }
 
     async fn nothing_for(r: &mut OutputReader, ms: u64) {
@@ -870,7 +1042,7 @@ mod tests {
                 text: (*t).into(),
             })
             .collect();
-        assert_eq!(next(&mut r).await, ReadEvent::Lines(want));
+        assert_eq!(lines_of(next(&mut r).await), want);
         assert_eq!(next(&mut r).await, ReadEvent::End);
         assert_eq!(next(&mut r).await, ReadEvent::End);
         // The other channel has no file at all and no end yet: waits.
@@ -895,21 +1067,64 @@ mod tests {
                 timestamp: 5,
                 text: "hello".into(),
             };
-            assert_eq!(next(&mut r).await, ReadEvent::Lines(vec![want]));
+            assert_eq!(lines_of(next(&mut r).await), [want]);
             w.raw(b"ld\n");
             let want = Line {
                 timestamp: 6,
                 text: "world".into(),
             };
-            assert_eq!(next(&mut r).await, ReadEvent::Lines(vec![want]));
+            assert_eq!(lines_of(next(&mut r).await), [want]);
         }
     }
 
     #[tokio::test]
+    async fn blocks_and_old_lines_mix_and_a_partial_block_line_waits() {
+        let d = tempfile::tempdir().unwrap();
+        // A file an older shim began (format 1), continued in blocks.
+        let mut w = ShimWriter::new(d.path(), Channel::Stdout, 1 << 20);
+        w.line(1, "old");
+        let mut r = OutputReader::open(&src(d.path()), Channel::Stdout).unwrap();
+        let mut block = Vec::new();
+        let at = format::begin_block(&mut block, 50);
+        block.extend_from_slice(b"a\nb\n\x1e0 3\nc\xff\n");
+        format::end_block(&mut block, at);
+        // The header and the first line and a half, then the rest.
+        w.raw(&block[..format::BLOCK_HEADER_LEN + 3]);
+        let l = |timestamp, text: &str| Line {
+            timestamp,
+            text: text.into(),
+        };
+        assert_eq!(lines_of(next(&mut r).await), [l(1, "old"), l(50, "a")]);
+        nothing_for(&mut r, 30).await;
+        w.raw(&block[format::BLOCK_HEADER_LEN + 3..]);
+        // A line inside a block that looks like a header is text.
+        let want = [l(50, "b"), l(50, "\x1e0 3"), l(50, "c\u{fffd}")];
+        assert_eq!(lines_of(next(&mut r).await), want);
+        w.line(60, "old again");
+        assert_eq!(lines_of(next(&mut r).await), [l(60, "old again")]);
+        nothing_for(&mut r, 20).await;
+        // Four lines, one block: one run.
+        let mut w2 = ShimWriter::blocks(d.path(), Channel::Stderr, 1 << 20);
+        for t in ["w", "x", "y", "z"] {
+            w2.push(70, t.as_bytes());
+        }
+        w2.close();
+        let mut e = OutputReader::open(&src(d.path()), Channel::Stderr).unwrap();
+        let ReadEvent::Lines(b) = next(&mut e).await else {
+            panic!("expected lines");
+        };
+        assert_eq!(
+            (b.len(), b.text(), b.runs()),
+            (4, &b"w\nx\ny\nz\n"[..], &[(70, 4)][..])
+        );
+        assert_eq!(next(&mut e).await, ReadEvent::End);
+    }
+
+    #[tokio::test]
     async fn follows_a_growing_file() {
-        for inotify in [true, false] {
+        for (inotify, blocks) in [(true, false), (false, false), (true, true), (false, true)] {
             let d = tempfile::tempdir().unwrap();
-            let mut w = ShimWriter::new(d.path(), Channel::Stdout, 1 << 20);
+            let mut w = ShimWriter::either(blocks, d.path(), Channel::Stdout, 1 << 20);
             let mut r = OutputReader::open_with(&src(d.path()), Channel::Stdout, inotify).unwrap();
             let writer = std::thread::spawn(move || {
                 for k in 0..20 {
@@ -926,10 +1141,16 @@ mod tests {
 
     #[tokio::test]
     async fn rotation_while_reading_loses_and_repeats_nothing() {
+        for blocks in [false, true] {
+            rotation_while_reading(blocks).await;
+        }
+    }
+
+    async fn rotation_while_reading(blocks: bool) {
         let d = tempfile::tempdir().unwrap();
-        // About 14 lines per file: many rotations, the reader never more
-        // than one file behind.
-        let mut w = ShimWriter::new(d.path(), Channel::Stdout, 200);
+        // About 14 lines per file (5 with blocks): many rotations, the
+        // reader never more than one file behind.
+        let mut w = ShimWriter::either(blocks, d.path(), Channel::Stdout, 200);
         let mut r = OutputReader::open(&src(d.path()), Channel::Stdout).unwrap();
         let mut written = 0;
         for round in 0..60u64 {
@@ -949,8 +1170,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_behind_two_rotations_gets_the_exact_loss() {
+        for blocks in [false, true] {
+            behind_two_rotations(blocks).await;
+        }
+    }
+
+    async fn behind_two_rotations(blocks: bool) {
         let d = tempfile::tempdir().unwrap();
-        let mut w = ShimWriter::new(d.path(), Channel::Stdout, 1 << 20);
+        let mut w = ShimWriter::either(blocks, d.path(), Channel::Stdout, 1 << 20);
         write_range(&mut w, 0..5);
         let mut r = OutputReader::open(&src(d.path()), Channel::Stdout).unwrap();
         expect_range(&mut r, 0..5).await;
@@ -1012,7 +1239,7 @@ mod tests {
             timestamp: 3,
             text: text(3),
         };
-        assert_eq!(first, ReadEvent::Lines(vec![line]));
+        assert_eq!(lines_of(first), [line]);
         assert_eq!(second, ReadEvent::End);
     }
 
@@ -1110,9 +1337,7 @@ mod tests {
         });
         let mut took = Vec::new();
         while (took.len() as u64) < N {
-            let ReadEvent::Lines(lines) = next(&mut r).await else {
-                panic!("expected lines");
-            };
+            let lines = lines_of(next(&mut r).await);
             let done = Instant::now();
             for l in lines {
                 assert_eq!(l.text, text(took.len() as u64));
@@ -1150,9 +1375,10 @@ mod tests {
                 .expect("read failed")
             {
                 ReadEvent::Lines(lines) => {
-                    for l in lines {
-                        let n = l.text.rsplit(' ').next().and_then(|n| n.parse().ok());
-                        assert_eq!(n, Some(i + lost), "{:?}", l.text);
+                    for (_, l) in lines.iter() {
+                        let l = std::str::from_utf8(l).unwrap();
+                        let n = l.rsplit(' ').next().and_then(|n| n.parse().ok());
+                        assert_eq!(n, Some(i + lost), "{l:?}");
                         i += 1;
                     }
                 }
@@ -1175,7 +1401,7 @@ mod tests {
     /// the test's CPUs). Prints lines/s and MiB/s.
     async fn throughput(what: &str, n: u64, make: fn(u64) -> String) {
         let d = tempfile::tempdir().unwrap();
-        let mut w = ShimWriter::new(d.path(), Channel::Stdout, u64::MAX);
+        let mut w = ShimWriter::blocks(d.path(), Channel::Stdout, u64::MAX);
         for i in 0..n {
             w.push(0, make(i).as_bytes());
         }
@@ -1193,7 +1419,7 @@ mod tests {
         drop(d);
 
         let d = tempfile::tempdir().unwrap();
-        let mut w = ShimWriter::new(d.path(), Channel::Stdout, 16 << 20);
+        let mut w = ShimWriter::blocks(d.path(), Channel::Stdout, 16 << 20);
         let mut r = OutputReader::open(&src(d.path()), Channel::Stdout).unwrap();
         let t = Instant::now();
         let writer = std::thread::spawn(move || {

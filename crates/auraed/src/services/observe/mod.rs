@@ -39,6 +39,8 @@ use crate::{
 
 /// Items buffered between a producer and tonic, per stream.
 const STREAM_CAPACITY: usize = 128;
+/// The same for output streams of many lines per response.
+const BATCHED_STREAM_CAPACITY: usize = 4;
 /// Streams open at once, over all clients; more are refused with
 /// RESOURCE_EXHAUSTED rather than letting clients exhaust the daemon.
 pub const MAX_STREAMS: usize = 1024;
@@ -85,10 +87,16 @@ impl SignalSource {
     pub async fn get(&self) -> Result<Arc<SignalObserver>, String> {
         self.0
             .get_or_init(|| async {
-                let loaded = tokio::task::spawn_blocking(SignalObserver::start)
-                    .await
-                    .map_err(|e| format!("the probe loader failed: {e}"))
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let loaded = tokio::task::spawn_blocking(|| {
+                    let r = SignalObserver::start();
+                    // Loading parsed the kernel's BTF (many MiB, freed):
+                    // give that back rather than idle with it.
+                    crate::host::memory::trim();
+                    r
+                })
+                .await
+                .map_err(|e| format!("the probe loader failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
                 if let Err(e) = &loaded {
                     tracing::warn!("POSIX signal stream disabled: {e}");
                 }
@@ -203,11 +211,26 @@ where
     F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    spawn_stream_with(shutdown, streams, STREAM_CAPACITY, produce)
+}
+
+/// [`spawn_stream`] with `capacity` items buffered.
+fn spawn_stream_with<T, F, Fut>(
+    shutdown: &CancellationToken,
+    streams: &Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+    produce: F,
+) -> Result<ItemStream<T>, ObserveError>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let permit = streams
         .clone()
         .try_acquire_owned()
         .map_err(|_| ObserveError::Exhausted)?;
-    let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+    let (tx, rx) = mpsc::channel(capacity);
     let watch = tx.clone();
     let producer = produce(tx);
     let shutdown = shutdown.clone();
@@ -302,7 +325,7 @@ impl ObserveService for ObserveServiceImpl {
         let caller = authz::caller(&request)?;
         let r = request.into_inner();
         let channel = channel(r.channel_type).map_err(ObserveError::from)?;
-        let max_lines = subprocess::lines_per_message(r.max_lines_per_message);
+        let shape = subprocess::Shape::of(&r);
         if r.process_id <= 0 {
             return Err(ObserveError::from(Invalid {
                 field: "process_id",
@@ -348,10 +371,18 @@ impl ObserveService for ObserveServiceImpl {
                 ))
             }
         })?;
-        Ok(Response::new(spawn_stream(
+        // Batched responses are large (up to ~640 KiB): buffer few of them,
+        // so that a slow client costs the daemon little memory (it falls
+        // behind in the files instead).
+        let capacity = match shape {
+            subprocess::Shape::One => STREAM_CAPACITY,
+            _ => BATCHED_STREAM_CAPACITY,
+        };
+        Ok(Response::new(spawn_stream_with(
             &self.shutdown,
             &self.streams,
-            |tx| subprocess::produce(reader, channel, max_lines, tx),
+            capacity,
+            |tx| subprocess::produce(reader, channel, shape, tx),
         )?))
     }
 

@@ -8,13 +8,15 @@
 //! it falls behind by more than is kept, it is told how many lines it
 //! missed, in the stream itself.
 
-use aurae_proto::observe::{GetSubProcessStreamResponse, LogItem};
+use aurae_proto::observe::{
+    GetSubProcessStreamRequest, GetSubProcessStreamResponse, LogBlock, LogItem,
+};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::{
     logging::now_nanos,
-    services::cells::output::{Channel, OutputReader, ReadEvent},
+    services::cells::output::{Batch, Channel, OutputReader, ReadEvent},
 };
 
 type Tx = mpsc::Sender<Result<GetSubProcessStreamResponse, Status>>;
@@ -90,11 +92,59 @@ impl Batcher {
     }
 }
 
+/// How a stream's lines are put into responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// One line per response in `item` (upstream; old clients).
+    One,
+    /// Up to this many lines per response in `items`.
+    Items(usize),
+    /// Whatever the reader returned at once, as one `block`.
+    Blocks,
+}
+
+impl Shape {
+    pub(super) fn of(request: &GetSubProcessStreamRequest) -> Self {
+        if request.line_blocks {
+            return Shape::Blocks;
+        }
+        match lines_per_message(request.max_lines_per_message) {
+            1 => Shape::One,
+            n => Shape::Items(n),
+        }
+    }
+}
+
+/// The text of a batch as a string (invalid UTF-8 replaced; no copy when
+/// it is valid).
+fn lossy(text: Vec<u8>) -> String {
+    String::from_utf8(text).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn lossy_line(text: &[u8]) -> String {
+    String::from_utf8_lossy(text).into_owned()
+}
+
+/// A response with `batch` as one block.
+fn block_of(channel: Channel, batch: Batch) -> GetSubProcessStreamResponse {
+    let (text, runs) = batch.into_parts();
+    let (timestamps, line_counts) = runs.into_iter().unzip();
+    GetSubProcessStreamResponse {
+        item: None,
+        items: Vec::new(),
+        block: Some(LogBlock {
+            channel: channel.as_str().into(),
+            text: lossy(text),
+            timestamps,
+            line_counts,
+        }),
+    }
+}
+
 /// Sends the lines `reader` returns until the end of the channel, an
-/// error, or the client going away (a failed send): one per message in
-/// `item` when `max_lines` is 1, else up to `max_lines` per message in
-/// `items` (see [`lines_per_message`]).
-pub(super) async fn produce(mut reader: OutputReader, channel: Channel, max_lines: usize, tx: Tx) {
+/// error, or the client going away (a failed send), shaped as `shape`
+/// says.
+pub(super) async fn produce(mut reader: OutputReader, channel: Channel, shape: Shape, tx: Tx) {
     let item = |line: String, timestamp: i64| LogItem {
         channel: channel.as_str().into(),
         line,
@@ -103,11 +153,22 @@ pub(super) async fn produce(mut reader: OutputReader, channel: Channel, max_line
     let one = |line: String, timestamp: i64| {
         tx.send(Ok(GetSubProcessStreamResponse {
             item: Some(item(line, timestamp)),
-            items: Vec::new(),
+            ..Default::default()
         }))
     };
-    let many = |items: Vec<LogItem>| tx.send(Ok(GetSubProcessStreamResponse { item: None, items }));
-    let mut batch = Batcher::new(max_lines, MAX_MESSAGE_TEXT);
+    let many = |items: Vec<LogItem>| {
+        tx.send(Ok(GetSubProcessStreamResponse {
+            items,
+            ..Default::default()
+        }))
+    };
+    let mut batch = Batcher::new(
+        match shape {
+            Shape::Items(n) => n,
+            _ => 1,
+        },
+        MAX_MESSAGE_TEXT,
+    );
     loop {
         let event = match reader.next().await {
             Ok(e) => e,
@@ -118,19 +179,19 @@ pub(super) async fn produce(mut reader: OutputReader, channel: Channel, max_line
                 return;
             }
         };
-        match event {
-            ReadEvent::Lines(lines) if max_lines <= 1 => {
-                for l in lines {
-                    if one(l.text, l.timestamp).await.is_err() {
+        match (event, shape) {
+            (ReadEvent::Lines(lines), Shape::One) => {
+                for (ts, text) in lines.iter() {
+                    if one(lossy_line(text), ts).await.is_err() {
                         return;
                     }
                 }
             }
-            ReadEvent::Lines(lines) => {
+            (ReadEvent::Lines(lines), Shape::Items(_)) => {
                 let mut left = lines.len();
-                for l in lines {
+                for (ts, text) in lines.iter() {
                     left -= 1;
-                    if let Some(b) = batch.push(item(l.text, l.timestamp), left) {
+                    if let Some(b) = batch.push(item(lossy_line(text), ts), left) {
                         if many(b).await.is_err() {
                             return;
                         }
@@ -143,18 +204,27 @@ pub(super) async fn produce(mut reader: OutputReader, channel: Channel, max_line
                     }
                 }
             }
-            ReadEvent::Lost(n) => {
+            (ReadEvent::Lines(lines), Shape::Blocks) => {
+                if tx.send(Ok(block_of(channel, lines))).await.is_err() {
+                    return;
+                }
+            }
+            (ReadEvent::Lost(n), shape) => {
                 let (line, t) = (lost_note(n, channel), now_nanos());
-                let sent = if max_lines <= 1 {
-                    one(line, t).await
-                } else {
-                    many(vec![item(line, t)]).await
+                let sent = match shape {
+                    Shape::One => one(line, t).await,
+                    Shape::Items(_) => many(vec![item(line, t)]).await,
+                    Shape::Blocks => {
+                        let mut b = Batch::default();
+                        b.push(t, line.as_bytes());
+                        tx.send(Ok(block_of(channel, b))).await
+                    }
                 };
                 if sent.is_err() {
                     return;
                 }
             }
-            ReadEvent::End => return,
+            (ReadEvent::End, _) => return,
         }
     }
 }
@@ -183,6 +253,132 @@ mod tests {
             .unwrap();
     }
 
+    /// Writes lines `lines` as the shim does: blocks of `per_block` lines,
+    /// each block stamped with its first line's number.
+    fn write_blocks(path: &std::path::Path, lines: std::ops::Range<i64>, per_block: i64) {
+        let mut buf = Vec::new();
+        let mut i = lines.start;
+        while i < lines.end {
+            let at = format::begin_block(&mut buf, i);
+            for k in i..(i + per_block).min(lines.end) {
+                buf.extend_from_slice(format!("line {k}\n").as_bytes());
+            }
+            format::end_block(&mut buf, at);
+            i += per_block;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(&buf)
+            .unwrap();
+    }
+
+    fn me() -> ProcId {
+        ProcId::of(i32::try_from(std::process::id()).unwrap()).unwrap()
+    }
+
+    /// Every line of a stream of blocks: (timestamp, text), checking that
+    /// each block's counts add up to its lines.
+    async fn block_lines(
+        mut rx: mpsc::Receiver<Result<GetSubProcessStreamResponse, Status>>,
+    ) -> Vec<(i64, String)> {
+        let mut out = Vec::new();
+        while let Some(m) = rx.recv().await {
+            let m = m.unwrap();
+            assert!(m.item.is_none() && m.items.is_empty());
+            let b = m.block.expect("a block");
+            assert_eq!(b.channel, "stdout");
+            assert_eq!(b.timestamps.len(), b.line_counts.len());
+            assert!(b.text.ends_with('\n') && b.text.len() < 1 << 20);
+            let mut ts = b
+                .timestamps
+                .iter()
+                .zip(&b.line_counts)
+                .flat_map(|(&t, &n)| std::iter::repeat_n(t, n as usize));
+            for line in b.text.split_terminator('\n') {
+                out.push((ts.next().expect("a timestamp per line"), line.to_owned()));
+            }
+            assert!(ts.next().is_none(), "more timestamps than lines");
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn blocks_carry_the_lines_in_order_with_their_timestamps() {
+        let d = tempfile::tempdir().unwrap();
+        // Lines 0..3 were rotated away; 3..5 kept as an older shim wrote
+        // them, 5..1005 in blocks of 7, then one with invalid UTF-8.
+        write_lines(&d.path().join("stdout.3"), 3..5);
+        write_blocks(&d.path().join("stdout.3"), 5..1005, 7);
+        let mut bad = Vec::new();
+        let at = format::begin_block(&mut bad, 1005);
+        bad.extend_from_slice(b"x\xffy\n");
+        format::end_block(&mut bad, at);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join("stdout.3"))
+            .unwrap()
+            .write_all(&bad)
+            .unwrap();
+        format::write_atomic(d.path(), "stdout.end", b"1006").unwrap();
+        let src = OutputSource {
+            dir: d.path().to_owned(),
+            shim: me(),
+        };
+        let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(produce(reader, Channel::Stdout, Shape::Blocks, tx));
+        let got = block_lines(rx).await;
+        task.await.unwrap();
+        assert_eq!(got.len(), 1 + 1003);
+        assert_eq!(got[0].1, lost_note(3, Channel::Stdout));
+        for (k, (ts, line)) in got[1..1003].iter().enumerate() {
+            let n = k as i64 + 3;
+            assert_eq!(line, &format!("line {n}"));
+            // Format 1 lines carry their own; blocks their first line's.
+            let want = if n < 5 { n } else { 5 + (n - 5) / 7 * 7 };
+            assert_eq!(*ts, want, "line {n}");
+        }
+        assert_eq!(got[1003], (1005, "x\u{fffd}y".to_owned()));
+    }
+
+    /// A million lines in the shim's blocks, through each shape of
+    /// response: all of them, in order, nothing else.
+    #[tokio::test]
+    async fn a_million_lines_arrive_complete_and_in_order() {
+        const N: i64 = 1_000_000;
+        let d = tempfile::tempdir().unwrap();
+        write_blocks(&d.path().join("stdout.0"), 0..N, 4000);
+        format::write_atomic(d.path(), "stdout.end", N.to_string().as_bytes()).unwrap();
+        let src = OutputSource {
+            dir: d.path().to_owned(),
+            shim: me(),
+        };
+        for shape in [Shape::Blocks, Shape::Items(4096)] {
+            let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
+            let (tx, mut rx) = mpsc::channel(8);
+            let task = tokio::spawn(produce(reader, Channel::Stdout, shape, tx));
+            let lines: Vec<String> = if shape == Shape::Blocks {
+                block_lines(rx).await.into_iter().map(|(_, l)| l).collect()
+            } else {
+                let mut v = Vec::new();
+                while let Some(m) = rx.recv().await {
+                    let m = m.unwrap();
+                    assert!(m.items.len() <= 4096);
+                    v.extend(m.items.into_iter().map(|i| i.line));
+                }
+                v
+            };
+            task.await.unwrap();
+            assert_eq!(lines.len(), N as usize, "{shape:?}");
+            for (k, l) in lines.iter().enumerate() {
+                assert_eq!(l, &format!("line {k}"), "{shape:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn lines_and_gaps_become_messages() {
         let d = tempfile::tempdir().unwrap();
@@ -197,7 +393,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         tokio::time::timeout(
             Duration::from_secs(10),
-            produce(reader, Channel::Stderr, 1, tx),
+            produce(reader, Channel::Stderr, Shape::One, tx),
         )
         .await
         .unwrap();
@@ -234,7 +430,7 @@ mod tests {
         let t = std::time::Instant::now();
         let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
         let (tx, mut rx) = mpsc::channel(128);
-        let task = tokio::spawn(produce(reader, Channel::Stdout, 1, tx));
+        let task = tokio::spawn(produce(reader, Channel::Stdout, Shape::One, tx));
         let mut got = 0;
         while let Some(m) = rx.recv().await {
             assert_eq!(m.unwrap().item.unwrap().timestamp, got);
@@ -255,6 +451,20 @@ mod tests {
             line: line.into(),
             timestamp: 0,
         }
+    }
+
+    #[test]
+    fn the_request_chooses_the_shape() {
+        let r = |max_lines_per_message, line_blocks| GetSubProcessStreamRequest {
+            max_lines_per_message,
+            line_blocks,
+            ..Default::default()
+        };
+        assert_eq!(Shape::of(&r(0, false)), Shape::One);
+        assert_eq!(Shape::of(&r(1, false)), Shape::One);
+        assert_eq!(Shape::of(&r(100, false)), Shape::Items(100));
+        assert_eq!(Shape::of(&r(0, true)), Shape::Blocks);
+        assert_eq!(Shape::of(&r(100, true)), Shape::Blocks);
     }
 
     #[test]
@@ -315,7 +525,7 @@ mod tests {
         };
         let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
         let (tx, mut rx) = mpsc::channel(8);
-        let task = tokio::spawn(produce(reader, Channel::Stdout, 1000, tx));
+        let task = tokio::spawn(produce(reader, Channel::Stdout, Shape::Items(1000), tx));
         let mut msgs = Vec::new();
         while let Some(m) = rx.recv().await {
             let m = m.unwrap();
@@ -356,7 +566,7 @@ mod tests {
         let t = std::time::Instant::now();
         let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
         let (tx, mut rx) = mpsc::channel(128);
-        let task = tokio::spawn(produce(reader, Channel::Stdout, 1024, tx));
+        let task = tokio::spawn(produce(reader, Channel::Stdout, Shape::Items(1024), tx));
         let mut got = 0;
         while let Some(m) = rx.recv().await {
             for i in m.unwrap().items {
@@ -383,7 +593,7 @@ mod tests {
         };
         let reader = OutputReader::open(&src, Channel::Stdout).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
-        let task = tokio::spawn(produce(reader, Channel::Stdout, 1, tx));
+        let task = tokio::spawn(produce(reader, Channel::Stdout, Shape::One, tx));
         let first = rx.recv().await.unwrap().unwrap().item.unwrap();
         assert_eq!(first.line, "line 0");
         drop(rx);

@@ -504,12 +504,12 @@ async fn stderr_tail(src: &OutputSource, exited: bool) -> (Vec<String>, u64) {
         let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
         match tokio::time::timeout(wait, reader.next()).await {
             Ok(Ok(ReadEvent::Lines(lines))) => {
-                for l in lines {
+                for (_, text) in lines.iter() {
                     if tail.len() == TAIL_LINES {
                         tail.pop_front();
                         before += 1;
                     }
-                    tail.push_back(l.text);
+                    tail.push_back(String::from_utf8_lossy(text).into_owned());
                 }
             }
             Ok(Ok(ReadEvent::Lost(n))) => before += n,
