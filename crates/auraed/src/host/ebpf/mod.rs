@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 /// Capacity of the broadcast channel; a subscriber that falls further behind
 /// gets `RecvError::Lagged(n)`. The channel allocates (and touches) every
 /// slot up front, ~56 bytes each: 65,536 slots held 3.5 MiB of the idle
-/// daemon; 8,192 are 450 KiB, about as many events as the ring buffer holds.
-pub const EVENT_CHANNEL_CAPACITY: usize = 8192;
+/// daemon; 16,384 are 900 KiB, a little less than the ring buffer holds
+/// (a burst of 10,000 signals to one cell must all be reported).
+pub const EVENT_CHANNEL_CAPACITY: usize = 16384;
 
 /// How often the poll task reads the kernel drop counter.
 const DROP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
