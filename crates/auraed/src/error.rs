@@ -19,6 +19,8 @@ pub enum DaemonError {
     Hypervisor(#[from] crate::host::hypervisor::HypervisorError),
     #[error("gRPC server failed: {0}")]
     Serve(tonic::transport::Error),
+    #[error(transparent)]
+    Cri(#[from] crate::cri::CriError),
     #[error("cannot open the state directory {path}: {source}")]
     State {
         path: std::path::PathBuf,

@@ -9,6 +9,7 @@
 //! service); `host/` is the kernel-facing code and never imports tonic.
 
 pub mod config;
+pub mod cri;
 mod decode_status;
 pub mod error;
 pub mod host;
@@ -113,6 +114,12 @@ pub async fn run(
     // socket file, which the accept task owns).
     let _stop_accepting = token.clone().drop_guard();
 
+    // The Kubernetes CRI on a socket of its own, if enabled.
+    let cri = match cri::CriSettings::from_config(&config) {
+        Some(settings) => Some(cri::start(settings, token.child_token()).await?),
+        None => None,
+    };
+
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
         health
@@ -198,6 +205,10 @@ pub async fn run(
     // Whatever happened to the server, leave nothing behind: guests get
     // their power button first, then the cells (QEMU's among them) go.
     vms.shutdown().await;
+    if let Some(cri) = cri {
+        // The token is cancelled: the CRI server stops and removes its socket.
+        let _ = tokio::time::timeout(Duration::from_secs(2), cri).await;
+    }
     cells.shutdown(on_exit).await;
     served?;
     tracing::info!("auraed stopped");
