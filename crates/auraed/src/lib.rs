@@ -116,7 +116,7 @@ pub async fn run(
 
     // The Kubernetes CRI on a socket of its own, if enabled.
     let cri = match cri::CriSettings::from_config(&config) {
-        Some(settings) => Some(cri::start(settings, token.child_token()).await?),
+        Some(settings) => Some(cri::start(settings, cells.clone(), token.child_token()).await?),
         None => None,
     };
 

@@ -459,12 +459,12 @@ async fn runtime_identity_readiness_and_unimplemented_reasons() {
     );
 
     let e = rt
-        .run_pod_sandbox(proto::RunPodSandboxRequest::default())
+        .create_container(proto::CreateContainerRequest::default())
         .await
-        .expect_err("RunPodSandbox is not there yet");
+        .expect_err("CreateContainer is not there yet");
     assert_eq!(e.code(), Code::Unimplemented);
     assert!(
-        e.message().contains("RunPodSandbox") && e.message().contains("not implemented"),
+        e.message().contains("CreateContainer") && e.message().contains("not implemented"),
         "{}",
         e.message()
     );
@@ -755,4 +755,154 @@ async fn images_are_verified_and_credentials_used() {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The names of the daemon's top-level cells (Aurae API).
+async fn cell_names(cri: &Cri) -> Vec<String> {
+    cri.daemon
+        .client()
+        .await
+        .cells()
+        .list(aurae_client::proto::cells::CellServiceListRequest::default())
+        .await
+        .expect("List")
+        .into_inner()
+        .cells
+        .into_iter()
+        .filter_map(|c| c.cell.map(|c| c.name))
+        .collect()
+}
+
+#[tokio::test]
+async fn pod_sandboxes_are_cells() {
+    let cri = start(&[]).await;
+    let mut rt = RuntimeServiceClient::new(channel(&cri.socket).await);
+    let name = common::unique("pod");
+    let config = |attempt| proto::PodSandboxConfig {
+        metadata: Some(proto::PodSandboxMetadata {
+            name: name.clone(),
+            uid: format!("uid-{name}"),
+            namespace: "test".into(),
+            attempt,
+        }),
+        labels: [("app".to_string(), "demo".to_string())].into(),
+        annotations: [("note".to_string(), "kept".to_string())].into(),
+        ..Default::default()
+    };
+    let run = |attempt| proto::RunPodSandboxRequest {
+        config: Some(config(attempt)),
+        runtime_handler: String::new(),
+    };
+    let id = rt
+        .run_pod_sandbox(run(0))
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let e = rt
+        .run_pod_sandbox(run(0))
+        .await
+        .expect_err("the same pod twice");
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // The sandbox is a cell of the daemon's, listed by the Aurae API too.
+    let cell = format!("cri-{}", &id[..16]);
+    assert!(cell_names(&cri).await.contains(&cell));
+
+    let st = rt
+        .pod_sandbox_status(proto::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("status");
+    assert_eq!(st.state, proto::PodSandboxState::SandboxReady as i32);
+    assert_eq!(st.metadata.map(|m| m.name), Some(name.clone()));
+    assert_eq!(st.labels.get("app").map(String::as_str), Some("demo"));
+    assert_eq!(st.annotations.get("note").map(String::as_str), Some("kept"));
+
+    let lister = rt.clone();
+    let list = |filter: proto::PodSandboxFilter| {
+        let mut rt = lister.clone();
+        async move {
+            rt.list_pod_sandbox(proto::ListPodSandboxRequest {
+                filter: Some(filter),
+            })
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items
+        }
+    };
+    let by_id = proto::PodSandboxFilter {
+        id: id[..12].to_string(),
+        ..Default::default()
+    };
+    assert_eq!(list(by_id).await.len(), 1);
+    let by_label = proto::PodSandboxFilter {
+        label_selector: [("app".to_string(), "other".to_string())].into(),
+        ..Default::default()
+    };
+    assert!(list(by_label).await.is_empty());
+
+    // Stop frees the cell and keeps the record (not ready); twice is fine.
+    for _ in 0..2 {
+        rt.stop_pod_sandbox(proto::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    }
+    let not_ready = proto::PodSandboxFilter {
+        state: Some(proto::PodSandboxStateValue {
+            state: proto::PodSandboxState::SandboxNotready as i32,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(list(not_ready).await.len(), 1);
+    assert!(!cell_names(&cri).await.contains(&cell), "the cell is freed");
+
+    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+    let e = rt
+        .pod_sandbox_status(proto::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect_err("removed");
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A sandbox survives a crash of the daemon (its cell is re-adopted).
+    let id2 = rt
+        .run_pod_sandbox(run(1))
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let mut cri = cri;
+    cri.daemon.restart(libc::SIGKILL, None).await;
+    let mut rt = RuntimeServiceClient::new(channel(&cri.socket).await);
+    let items = rt
+        .list_pod_sandbox(proto::ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert_eq!(
+        items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        [id2.as_str()]
+    );
+    assert_eq!(items[0].state, proto::PodSandboxState::SandboxReady as i32);
+    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest {
+        pod_sandbox_id: id2,
+    })
+    .await
+    .expect("RemovePodSandbox");
 }

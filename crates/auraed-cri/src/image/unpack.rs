@@ -150,7 +150,7 @@ fn unpack_tar(tar: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<Unpacke
             let dir = prepare_parent(dest, &rel).map_err(entry_err)?;
             let target = dir.join(hidden);
             remove_any(&target).map_err(entry_err)?;
-            mknod(&target, libc::S_IFCHR | 0o000, 0).map_err(entry_err)?;
+            mknod(&target, libc::S_IFCHR, 0).map_err(entry_err)?;
             stats.whiteouts += 1;
             continue;
         }

@@ -9,6 +9,7 @@
 //! containers on cells), `server.rs` binds the socket and serves both.
 
 mod runtime;
+pub mod sandbox;
 mod server;
 
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ pub use server::{start, CriError};
 #[derive(Debug, Clone)]
 pub struct CriSettings {
     pub socket: PathBuf,
+    /// Pod sandbox records live in `<runtime_dir>/cri/sandboxes`.
+    pub runtime_dir: PathBuf,
     /// Images live in `<library_dir>/cri/images`.
     pub library_dir: PathBuf,
     /// containerd-style `certs.d` (`<registry>/hosts.toml`).
@@ -32,6 +35,7 @@ impl CriSettings {
     pub fn from_config(config: &crate::Config) -> Option<CriSettings> {
         Some(CriSettings {
             socket: config.cri_socket.clone()?,
+            runtime_dir: config.runtime_dir.clone(),
             library_dir: config.library_dir.clone(),
             registry_config_dir: config.registry_config_dir.clone(),
             cni_conf_dir: config.cni_conf_dir.clone(),

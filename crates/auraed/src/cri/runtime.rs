@@ -1,17 +1,20 @@
-//! `runtime.v1.RuntimeService`: the runtime's identity and readiness today;
-//! pod sandboxes and containers on cells next (issue 13).
+//! `runtime.v1.RuntimeService`: the runtime's identity and readiness, pod
+//! sandboxes on cells (`sandbox.rs`); containers next (issue 13).
 //!
 //! RPCs not overridden here answer UNIMPLEMENTED with a reason (generated
-//! default stubs; see `server.rs`). Until RunPodSandbox and CreateContainer
-//! exist, no sandbox or container can exist, so every id is unknown and the
-//! answers below are exact, not placeholders: lists are empty, a status is
+//! default stubs; see `server.rs`). Until CreateContainer exists no
+//! container can exist, so every container id is unknown and the answers
+//! below are exact, not placeholders: lists are empty, a status is
 //! NOT_FOUND, and stopping or removing succeeds (the CRI requires both to
-//! be idempotent: kubelet retries them for ids that are gone).
+//! be idempotent: kubelet retries them for ids that are gone; the same
+//! holds for sandboxes).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use auraed_cri::proto::{self, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
+
+use super::sandbox::{NewSandbox, Sandbox, Sandboxes};
 
 /// The kubelet-facing API version (`VersionResponse.version`).
 const KUBELET_API_VERSION: &str = "0.1.0";
@@ -20,12 +23,37 @@ const RUNTIME_API_VERSION: &str = "v1";
 
 pub struct RuntimeServiceImpl {
     cni_conf_dir: PathBuf,
+    sandboxes: Arc<Sandboxes>,
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(cni_conf_dir: PathBuf) -> Self {
-        RuntimeServiceImpl { cni_conf_dir }
+    pub fn new(cni_conf_dir: PathBuf, sandboxes: Arc<Sandboxes>) -> Self {
+        RuntimeServiceImpl {
+            cni_conf_dir,
+            sandboxes,
+        }
     }
+}
+
+fn state(s: &Sandbox) -> i32 {
+    if s.ready {
+        proto::PodSandboxState::SandboxReady as i32
+    } else {
+        proto::PodSandboxState::SandboxNotready as i32
+    }
+}
+
+fn metadata(s: &Sandbox) -> proto::PodSandboxMetadata {
+    proto::PodSandboxMetadata {
+        name: s.name.clone(),
+        uid: s.uid.clone(),
+        namespace: s.namespace.clone(),
+        attempt: s.attempt,
+    }
+}
+
+fn map(m: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The first CNI network configuration, as libcni picks it (`.conf`,
@@ -146,11 +174,50 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(proto::UpdateRuntimeConfigResponse {}))
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<proto::RunPodSandboxRequest>,
+    ) -> Result<Response<proto::RunPodSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: is required"))?;
+        let meta = config
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("config.metadata: is required"))?;
+        let ns = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|sc| sc.namespace_options.clone())
+            .unwrap_or_default();
+        let s = self
+            .sandboxes
+            .run(NewSandbox {
+                name: meta.name,
+                uid: meta.uid,
+                namespace: meta.namespace,
+                attempt: meta.attempt,
+                labels: config.labels.into_iter().collect(),
+                annotations: config.annotations.into_iter().collect(),
+                runtime_handler: req.runtime_handler,
+                ns_network: ns.network,
+                ns_pid: ns.pid,
+                ns_ipc: ns.ipc,
+            })
+            .await?;
+        Ok(Response::new(proto::RunPodSandboxResponse {
+            pod_sandbox_id: s.id,
+        }))
+    }
+
     async fn stop_pod_sandbox(
         &self,
         request: Request<proto::StopPodSandboxRequest>,
     ) -> Result<Response<proto::StopPodSandboxResponse>, Status> {
-        require_id(&request.into_inner().pod_sandbox_id, "pod_sandbox_id")?;
+        let id = request.into_inner().pod_sandbox_id;
+        require_id(&id, "pod_sandbox_id")?;
+        self.sandboxes.stop(&id).await?;
         Ok(Response::new(proto::StopPodSandboxResponse {}))
     }
 
@@ -158,7 +225,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<proto::RemovePodSandboxRequest>,
     ) -> Result<Response<proto::RemovePodSandboxResponse>, Status> {
-        require_id(&request.into_inner().pod_sandbox_id, "pod_sandbox_id")?;
+        let id = request.into_inner().pod_sandbox_id;
+        require_id(&id, "pod_sandbox_id")?;
+        self.sandboxes.remove(&id).await?;
         Ok(Response::new(proto::RemovePodSandboxResponse {}))
     }
 
@@ -166,18 +235,76 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<proto::PodSandboxStatusRequest>,
     ) -> Result<Response<proto::PodSandboxStatusResponse>, Status> {
-        let id = request.into_inner().pod_sandbox_id;
-        require_id(&id, "pod_sandbox_id")?;
-        Err(Status::not_found(format!("pod sandbox {id:?} not found")))
+        let req = request.into_inner();
+        require_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
+        let s = self.sandboxes.resolve(&req.pod_sandbox_id).ok_or_else(|| {
+            Status::not_found(format!("pod sandbox {:?} not found", req.pod_sandbox_id))
+        })?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert(
+                "info".to_string(),
+                serde_json::json!({"cell": s.cell}).to_string(),
+            );
+        }
+        Ok(Response::new(proto::PodSandboxStatusResponse {
+            status: Some(proto::PodSandboxStatus {
+                id: s.id.clone(),
+                metadata: Some(metadata(&s)),
+                state: state(&s),
+                created_at: s.created_at,
+                network: Some(proto::PodSandboxNetworkStatus::default()),
+                linux: Some(proto::LinuxPodSandboxStatus {
+                    namespaces: Some(proto::Namespace {
+                        options: Some(proto::NamespaceOption {
+                            network: s.ns_network,
+                            pid: s.ns_pid,
+                            ipc: s.ns_ipc,
+                            ..Default::default()
+                        }),
+                    }),
+                }),
+                labels: map(&s.labels),
+                annotations: map(&s.annotations),
+                runtime_handler: s.runtime_handler.clone(),
+            }),
+            info,
+            containers_statuses: vec![],
+            timestamp: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0),
+        }))
     }
 
     async fn list_pod_sandbox(
         &self,
-        _request: Request<proto::ListPodSandboxRequest>,
+        request: Request<proto::ListPodSandboxRequest>,
     ) -> Result<Response<proto::ListPodSandboxResponse>, Status> {
-        Ok(Response::new(proto::ListPodSandboxResponse {
-            items: vec![],
-        }))
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
+            .filter(|s| filter.state.as_ref().is_none_or(|st| st.state == state(s)))
+            .filter(|s| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k) == Some(v))
+            })
+            .map(|s| proto::PodSandbox {
+                id: s.id.clone(),
+                metadata: Some(metadata(&s)),
+                state: state(&s),
+                created_at: s.created_at,
+                labels: map(&s.labels),
+                annotations: map(&s.annotations),
+                runtime_handler: s.runtime_handler.clone(),
+            })
+            .collect();
+        Ok(Response::new(proto::ListPodSandboxResponse { items }))
     }
 
     async fn stop_container(

@@ -29,6 +29,8 @@ pub enum CriError {
     Bind { path: PathBuf, source: io::Error },
     #[error("another runtime is already serving on the CRI socket {0}; stop it or choose another --cri-socket")]
     InUse(PathBuf),
+    #[error("CRI pod sandboxes: {0}")]
+    Sandboxes(#[from] super::sandbox::SandboxError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
 }
@@ -67,8 +69,13 @@ async fn bind(path: &Path) -> Result<UnixListener, CriError> {
 /// cancelled.
 pub async fn start(
     settings: CriSettings,
+    cells: Arc<crate::services::cells::Cells>,
     token: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CriError> {
+    let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
+        cells,
+        &settings.runtime_dir,
+    )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
     let puller = Arc::new(Puller::new(
         store,
@@ -80,6 +87,7 @@ pub async fn start(
         .layer(ExplainUnimplementedLayer)
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
             settings.cni_conf_dir.clone(),
+            sandboxes,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
     tracing::info!(
