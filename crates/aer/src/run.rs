@@ -146,6 +146,9 @@ async fn copy_output(client: Client, pid: i32, channel: LogChannelType) {
         channel_type: channel.into(),
         process_id: pid,
         max_lines_per_message: LINES_PER_MESSAGE,
+        // Extension: many lines' text in one block (a daemon without it
+        // answers with `items`, which the loop reads too).
+        line_blocks: true,
     };
     let mut stream = match client.observe().get_sub_process_stream(request).await {
         Ok(r) => r.into_inner(),
@@ -172,6 +175,9 @@ async fn copy_output(client: Client, pid: i32, channel: LogChannelType) {
                 for item in r.item.iter().chain(&r.items) {
                     buf.extend_from_slice(item.line.as_bytes());
                     buf.push(b'\n');
+                }
+                if let Some(b) = &r.block {
+                    buf.extend_from_slice(b.text.as_bytes());
                 }
                 let written = if to_stderr {
                     let mut e = std::io::stderr().lock();

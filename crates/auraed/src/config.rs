@@ -24,6 +24,10 @@ pub const DEFAULT_VM_STOP_TIMEOUT_SECS: u64 = 20;
 /// scripts/guest-image).
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
 pub const DEFAULT_QEMU_CACHE: &str = "/var/cache/aurae-dev/bin/qemu-system-x86_64";
+/// The Kubernetes CRI socket, when `--cri-socket` is given without a path.
+pub const DEFAULT_CRI_SOCKET: &str = "/run/aurae/cri.sock";
+pub const DEFAULT_REGISTRY_CONFIG_DIR: &str = "/etc/aurae/certs.d";
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
 /// auraed: the Aurae node daemon. Runs and isolates workloads (cells, VMs)
 /// on this machine and serves the Aurae v0 gRPC API with mutual TLS.
@@ -123,6 +127,20 @@ pub struct Config {
     /// Reloaded on SIGHUP.
     #[arg(long, value_name = "PATH")]
     pub authz_policy: Option<PathBuf>,
+    /// Serve the Kubernetes CRI (runtime.v1 RuntimeService and ImageService)
+    /// on this unix socket, plain gRPC (kubelet speaks no TLS; mode 0660 is
+    /// the guard). `--cri-socket` alone: /run/aurae/cri.sock. Off by default.
+    #[arg(long, num_args = 0..=1, default_missing_value = DEFAULT_CRI_SOCKET, value_name = "PATH")]
+    pub cri_socket: Option<PathBuf>,
+
+    /// Registry mirrors and plain-HTTP registries for CRI image pulls, as
+    /// containerd reads them: `<dir>/<registry>/hosts.toml`.
+    #[arg(long, default_value = DEFAULT_REGISTRY_CONFIG_DIR)]
+    pub registry_config_dir: PathBuf,
+
+    /// CNI network configurations for CRI pods (NetworkReady in Status).
+    #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
 
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -185,6 +203,16 @@ mod tests {
             .expect("flags parse");
         assert_eq!(c.on_exit, crate::services::cells::OnExit::Free);
         assert_eq!(c.output_cap, 1 << 20);
+    }
+
+    #[test]
+    fn cri_is_off_unless_asked_for() {
+        let c = Config::try_parse_from(["auraed"]).expect("defaults parse");
+        assert_eq!(c.cri_socket, None);
+        let c = Config::try_parse_from(["auraed", "--cri-socket", "-v"]).expect("bare flag");
+        assert_eq!(c.cri_socket, Some(PathBuf::from(DEFAULT_CRI_SOCKET)));
+        let c = Config::try_parse_from(["auraed", "--cri-socket", "/tmp/x.sock"]).expect("path");
+        assert_eq!(c.cri_socket, Some(PathBuf::from("/tmp/x.sock")));
     }
 
     #[test]

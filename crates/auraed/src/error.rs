@@ -26,6 +26,8 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cri(#[from] crate::cri::CriError),
     #[error("cannot open the state directory {path}: {source}")]
     State {
         path: std::path::PathBuf,

@@ -10,6 +10,7 @@
 
 pub mod authz;
 pub mod config;
+pub mod cri;
 mod decode_status;
 pub mod docs;
 pub mod error;
@@ -124,6 +125,11 @@ pub async fn run(
         let (c, s) = (cells.clone(), signals.clone());
         metrics::start(addr, &rpc_metrics, c, s, token.child_token()).await?;
     }
+    // The Kubernetes CRI on a socket of its own, if enabled.
+    let cri = match cri::CriSettings::from_config(&config) {
+        Some(settings) => Some(cri::start(settings, cells.clone(), token.child_token()).await?),
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
@@ -220,6 +226,10 @@ pub async fn run(
     // Whatever happened to the server, leave nothing behind: guests get
     // their power button first, then the cells (QEMU's among them) go.
     vms.shutdown().await;
+    if let Some(cri) = cri {
+        // The token is cancelled: the CRI server stops and removes its socket.
+        let _ = tokio::time::timeout(Duration::from_secs(2), cri).await;
+    }
     cells.shutdown(on_exit).await;
     served?;
     tracing::info!("auraed stopped");

@@ -1,0 +1,44 @@
+//! The Kubernetes CRI (`runtime.v1.RuntimeService` and
+//! `runtime.v1.ImageService`), served on a unix socket of its own with plain
+//! gRPC: kubelet speaks no TLS to its runtime, the socket's mode (0660,
+//! root's group) is the guard, as with containerd. Off unless
+//! `--cri-socket` is given.
+//!
+//! The generated API and the image side (pull, store, unpack) are in the
+//! `auraed-cri` crate; `runtime.rs` is the RuntimeService (pods and
+//! containers on cells), `server.rs` binds the socket and serves both.
+
+mod runtime;
+pub mod sandbox;
+mod server;
+
+use std::path::PathBuf;
+
+pub use server::{start, CriError};
+
+/// What the CRI server needs from the daemon's configuration.
+#[derive(Debug, Clone)]
+pub struct CriSettings {
+    pub socket: PathBuf,
+    /// Pod sandbox records live in `<runtime_dir>/cri/sandboxes`.
+    pub runtime_dir: PathBuf,
+    /// Images live in `<library_dir>/cri/images`.
+    pub library_dir: PathBuf,
+    /// containerd-style `certs.d` (`<registry>/hosts.toml`).
+    pub registry_config_dir: PathBuf,
+    /// CNI network configuration (NetworkReady in Status).
+    pub cni_conf_dir: PathBuf,
+}
+
+impl CriSettings {
+    /// None when the CRI is not enabled.
+    pub fn from_config(config: &crate::Config) -> Option<CriSettings> {
+        Some(CriSettings {
+            socket: config.cri_socket.clone()?,
+            runtime_dir: config.runtime_dir.clone(),
+            library_dir: config.library_dir.clone(),
+            registry_config_dir: config.registry_config_dir.clone(),
+            cni_conf_dir: config.cni_conf_dir.clone(),
+        })
+    }
+}

@@ -1,0 +1,381 @@
+//! `runtime.v1.RuntimeService`: the runtime's identity and readiness, pod
+//! sandboxes on cells (`sandbox.rs`); containers next (issue 13).
+//!
+//! RPCs not overridden here answer UNIMPLEMENTED with a reason (generated
+//! default stubs; see `server.rs`). Until CreateContainer exists no
+//! container can exist, so every container id is unknown and the answers
+//! below are exact, not placeholders: lists are empty, a status is
+//! NOT_FOUND, and stopping or removing succeeds (the CRI requires both to
+//! be idempotent: kubelet retries them for ids that are gone; the same
+//! holds for sandboxes).
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use auraed_cri::proto::{self, runtime_service_server::RuntimeService};
+use tonic::{Request, Response, Status};
+
+use super::sandbox::{NewSandbox, Sandbox, Sandboxes};
+
+/// The kubelet-facing API version (`VersionResponse.version`).
+const KUBELET_API_VERSION: &str = "0.1.0";
+const RUNTIME_NAME: &str = "auraed";
+const RUNTIME_API_VERSION: &str = "v1";
+
+pub struct RuntimeServiceImpl {
+    cni_conf_dir: PathBuf,
+    sandboxes: Arc<Sandboxes>,
+}
+
+impl RuntimeServiceImpl {
+    pub fn new(cni_conf_dir: PathBuf, sandboxes: Arc<Sandboxes>) -> Self {
+        RuntimeServiceImpl {
+            cni_conf_dir,
+            sandboxes,
+        }
+    }
+}
+
+fn state(s: &Sandbox) -> i32 {
+    if s.ready {
+        proto::PodSandboxState::SandboxReady as i32
+    } else {
+        proto::PodSandboxState::SandboxNotready as i32
+    }
+}
+
+fn metadata(s: &Sandbox) -> proto::PodSandboxMetadata {
+    proto::PodSandboxMetadata {
+        name: s.name.clone(),
+        uid: s.uid.clone(),
+        namespace: s.namespace.clone(),
+        attempt: s.attempt,
+    }
+}
+
+fn map(m: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The first CNI network configuration, as libcni picks it (`.conf`,
+/// `.conflist`, `.json`, in lexical order).
+fn first_cni_config(dir: &std::path::Path) -> Option<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conf" | "conflist" | "json")
+                )
+        })
+        .collect();
+    files.sort();
+    files.into_iter().next()
+}
+
+fn condition(kind: &str, ready: bool, reason: &str, message: String) -> proto::RuntimeCondition {
+    proto::RuntimeCondition {
+        r#type: kind.to_string(),
+        status: ready,
+        reason: if ready {
+            String::new()
+        } else {
+            reason.to_string()
+        },
+        message: if ready { String::new() } else { message },
+    }
+}
+
+fn require_id(id: &str, field: &str) -> Result<(), Status> {
+    if id.trim().is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}: an id is required"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeServiceImpl {
+    async fn version(
+        &self,
+        _request: Request<proto::VersionRequest>,
+    ) -> Result<Response<proto::VersionResponse>, Status> {
+        Ok(Response::new(proto::VersionResponse {
+            version: KUBELET_API_VERSION.into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: crate::VERSION.into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        let cni = first_cni_config(&self.cni_conf_dir);
+        let conditions = vec![
+            condition("RuntimeReady", true, "", String::new()),
+            condition(
+                "NetworkReady",
+                cni.is_some(),
+                "NetworkPluginNotReady",
+                format!(
+                    "no CNI network configuration in {}",
+                    self.cni_conf_dir.display()
+                ),
+            ),
+        ];
+        let mut info = HashMap::new();
+        if request.into_inner().verbose {
+            let v = serde_json::json!({
+                "cniConfDir": self.cni_conf_dir.display().to_string(),
+                "cniConfig": cni.map(|p| p.display().to_string()),
+                "cgroupDriver": "cgroupfs",
+            });
+            info.insert("config".to_string(), v.to_string());
+        }
+        Ok(Response::new(proto::StatusResponse {
+            status: Some(proto::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers: vec![proto::RuntimeHandler {
+                name: String::new(),
+                features: Some(proto::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            }],
+            features: Some(proto::RuntimeFeatures {
+                supplemental_groups_policy: false,
+                user_namespaces_host_network: false,
+            }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<proto::RuntimeConfigRequest>,
+    ) -> Result<Response<proto::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(proto::RuntimeConfigResponse {
+            linux: Some(proto::LinuxRuntimeConfiguration {
+                cgroup_driver: proto::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        _request: Request<proto::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<proto::UpdateRuntimeConfigResponse>, Status> {
+        // kubelet sends the node's pod CIDR; the CNI configuration decides
+        // addresses (as with containerd), so there is nothing to change.
+        Ok(Response::new(proto::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<proto::RunPodSandboxRequest>,
+    ) -> Result<Response<proto::RunPodSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: is required"))?;
+        let meta = config
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("config.metadata: is required"))?;
+        let ns = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|sc| sc.namespace_options.clone())
+            .unwrap_or_default();
+        let s = self
+            .sandboxes
+            .run(NewSandbox {
+                name: meta.name,
+                uid: meta.uid,
+                namespace: meta.namespace,
+                attempt: meta.attempt,
+                labels: config.labels.into_iter().collect(),
+                annotations: config.annotations.into_iter().collect(),
+                runtime_handler: req.runtime_handler,
+                ns_network: ns.network,
+                ns_pid: ns.pid,
+                ns_ipc: ns.ipc,
+            })
+            .await?;
+        Ok(Response::new(proto::RunPodSandboxResponse {
+            pod_sandbox_id: s.id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<proto::StopPodSandboxRequest>,
+    ) -> Result<Response<proto::StopPodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        require_id(&id, "pod_sandbox_id")?;
+        self.sandboxes.stop(&id).await?;
+        Ok(Response::new(proto::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<proto::RemovePodSandboxRequest>,
+    ) -> Result<Response<proto::RemovePodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        require_id(&id, "pod_sandbox_id")?;
+        self.sandboxes.remove(&id).await?;
+        Ok(Response::new(proto::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<proto::PodSandboxStatusRequest>,
+    ) -> Result<Response<proto::PodSandboxStatusResponse>, Status> {
+        let req = request.into_inner();
+        require_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
+        let s = self.sandboxes.resolve(&req.pod_sandbox_id).ok_or_else(|| {
+            Status::not_found(format!("pod sandbox {:?} not found", req.pod_sandbox_id))
+        })?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert(
+                "info".to_string(),
+                serde_json::json!({"cell": s.cell}).to_string(),
+            );
+        }
+        Ok(Response::new(proto::PodSandboxStatusResponse {
+            status: Some(proto::PodSandboxStatus {
+                id: s.id.clone(),
+                metadata: Some(metadata(&s)),
+                state: state(&s),
+                created_at: s.created_at,
+                network: Some(proto::PodSandboxNetworkStatus::default()),
+                linux: Some(proto::LinuxPodSandboxStatus {
+                    namespaces: Some(proto::Namespace {
+                        options: Some(proto::NamespaceOption {
+                            network: s.ns_network,
+                            pid: s.ns_pid,
+                            ipc: s.ns_ipc,
+                            ..Default::default()
+                        }),
+                    }),
+                }),
+                labels: map(&s.labels),
+                annotations: map(&s.annotations),
+                runtime_handler: s.runtime_handler.clone(),
+            }),
+            info,
+            containers_statuses: vec![],
+            timestamp: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<proto::ListPodSandboxRequest>,
+    ) -> Result<Response<proto::ListPodSandboxResponse>, Status> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
+            .filter(|s| filter.state.as_ref().is_none_or(|st| st.state == state(s)))
+            .filter(|s| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k) == Some(v))
+            })
+            .map(|s| proto::PodSandbox {
+                id: s.id.clone(),
+                metadata: Some(metadata(&s)),
+                state: state(&s),
+                created_at: s.created_at,
+                labels: map(&s.labels),
+                annotations: map(&s.annotations),
+                runtime_handler: s.runtime_handler.clone(),
+            })
+            .collect();
+        Ok(Response::new(proto::ListPodSandboxResponse { items }))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<proto::StopContainerRequest>,
+    ) -> Result<Response<proto::StopContainerResponse>, Status> {
+        require_id(&request.into_inner().container_id, "container_id")?;
+        Ok(Response::new(proto::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<proto::RemoveContainerRequest>,
+    ) -> Result<Response<proto::RemoveContainerResponse>, Status> {
+        require_id(&request.into_inner().container_id, "container_id")?;
+        Ok(Response::new(proto::RemoveContainerResponse {}))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<proto::ContainerStatusRequest>,
+    ) -> Result<Response<proto::ContainerStatusResponse>, Status> {
+        let id = request.into_inner().container_id;
+        require_id(&id, "container_id")?;
+        Err(Status::not_found(format!("container {id:?} not found")))
+    }
+
+    async fn list_containers(
+        &self,
+        _request: Request<proto::ListContainersRequest>,
+    ) -> Result<Response<proto::ListContainersResponse>, Status> {
+        Ok(Response::new(proto::ListContainersResponse {
+            containers: vec![],
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        _request: Request<proto::ListContainerStatsRequest>,
+    ) -> Result<Response<proto::ListContainerStatsResponse>, Status> {
+        Ok(Response::new(proto::ListContainerStatsResponse {
+            stats: vec![],
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _request: Request<proto::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<proto::ListPodSandboxStatsResponse>, Status> {
+        Ok(Response::new(proto::ListPodSandboxStatsResponse {
+            stats: vec![],
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_cni_config_in_lexical_order() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(first_cni_config(d.path()), None);
+        std::fs::write(d.path().join("README"), "").expect("write");
+        assert_eq!(first_cni_config(d.path()), None);
+        std::fs::write(d.path().join("99-loopback.conf"), "{}").expect("write");
+        std::fs::write(d.path().join("10-critest.conflist"), "{}").expect("write");
+        assert_eq!(
+            first_cni_config(d.path()),
+            Some(d.path().join("10-critest.conflist"))
+        );
+        assert_eq!(first_cni_config(&d.path().join("missing")), None);
+    }
+}
