@@ -906,3 +906,77 @@ async fn pod_sandboxes_are_cells() {
     .await
     .expect("RemovePodSandbox");
 }
+
+/// GetPosixSignalsStream with WORKLOAD_TYPE_POD_SANDBOX (id = the sandbox
+/// id): the signals delivered inside that pod, not those of another pod.
+#[tokio::test]
+async fn signals_of_a_pod_sandbox() {
+    use aurae_client::proto::observe::{GetPosixSignalsStreamRequest, Workload, WorkloadType};
+    use common::observe::{kill, start as start_exe, STEP};
+    let cri = start(&[]).await;
+    let mut rt = RuntimeServiceClient::new(channel(&cri.socket).await);
+    let mut pods = Vec::new();
+    for n in ["sig-a", "sig-b"] {
+        let name = common::unique(n);
+        let id = rt
+            .run_pod_sandbox(proto::RunPodSandboxRequest {
+                config: Some(proto::PodSandboxConfig {
+                    metadata: Some(proto::PodSandboxMetadata {
+                        name: name.clone(),
+                        uid: format!("uid-{name}"),
+                        namespace: "test".into(),
+                        attempt: 0,
+                    }),
+                    ..Default::default()
+                }),
+                runtime_handler: String::new(),
+            })
+            .await
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id;
+        pods.push(id);
+    }
+    let c = cri.daemon.client().await;
+    let stream = c
+        .observe()
+        .get_posix_signals_stream(GetPosixSignalsStreamRequest {
+            workload: Some(Workload {
+                workload_type: WorkloadType::PodSandbox.into(),
+                id: pods[0].clone(),
+            }),
+        })
+        .await;
+    let mut stream = match stream {
+        Ok(s) => s.into_inner(),
+        Err(e) if e.code() == Code::Unavailable => {
+            eprintln!("SKIPPED signals_of_a_pod_sandbox: eBPF unavailable: {e}");
+            for id in pods {
+                let _ = rt
+                    .remove_pod_sandbox(proto::RemovePodSandboxRequest { pod_sandbox_id: id })
+                    .await;
+            }
+            return;
+        }
+        Err(e) => panic!("signal stream of the pod: {e}"),
+    };
+    // A process in pod B gets SIGUSR2 first, then one in pod A SIGUSR1:
+    // the first event of A's stream must be A's.
+    let cell = |id: &str| format!("cri-{}", &id[..16]);
+    let pa = start_exe(&c, Some(&cell(&pods[0])), "target", "exec sleep 300").await;
+    let pb = start_exe(&c, Some(&cell(&pods[1])), "other", "exec sleep 300").await;
+    kill(pb, libc::SIGUSR2);
+    kill(pa, libc::SIGUSR1);
+    let r = tokio::time::timeout(STEP, stream.message())
+        .await
+        .expect("a signal of pod A")
+        .expect("stream")
+        .expect("open");
+    let sig = r.signal.expect("signal");
+    assert_eq!((sig.signal, sig.process_id), (libc::SIGUSR1, pa), "{sig:?}");
+    for id in pods {
+        rt.remove_pod_sandbox(proto::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .expect("RemovePodSandbox");
+    }
+}

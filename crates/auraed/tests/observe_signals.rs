@@ -218,16 +218,24 @@ async fn signal_stream_errors() {
             id: id.into(),
         }),
     };
+    // A pod sandbox id is 64 hex digits (tests/cri.rs streams a real pod's).
     let e = o
         .get_posix_signals_stream(call(WorkloadType::PodSandbox, "x"))
         .await
         .map(|_| ())
-        .expect_err("not implemented");
+        .expect_err("not a sandbox id");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("workload.id"), "{e}");
+    let e = o
+        .get_posix_signals_stream(call(WorkloadType::PodSandbox, &"ab".repeat(32)))
+        .await
+        .map(|_| ())
+        .expect_err("no such pod");
     if e.code() == Code::Unavailable {
         return skip(T, &format!("eBPF unavailable: {}", e.message()));
     }
-    assert_eq!(e.code(), Code::Unimplemented, "{e}");
-    assert!(!e.message().is_empty());
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert!(e.message().contains("pod sandbox"), "{e}");
     // A VM's stream is its guest's, relayed (tests/vm.rs): an unknown VM
     // is NOT_FOUND, before any eBPF of the host is involved.
     let e = o

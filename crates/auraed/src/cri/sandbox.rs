@@ -106,6 +106,13 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// The cell of the pod sandbox `id` (64 lowercase hex digits, as RunPodSandbox
+/// makes them): `cri-<first 16>`. None for anything that is not such an id.
+pub fn cell_of(id: &str) -> Option<String> {
+    let ok = id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    ok.then(|| format!("cri-{}", &id[..16]))
+}
+
 fn random_id() -> Result<String, std::io::Error> {
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
@@ -226,7 +233,8 @@ impl Sandboxes {
             path: "/dev/urandom".into(),
             source,
         })?;
-        let cell = format!("cri-{}", &id[..16]);
+        let cell =
+            cell_of(&id).ok_or_else(|| SandboxError::Invalid(format!("bad sandbox id {id}")))?;
         let spec = Cell {
             name: cell.clone(),
             isolate_process: !(req.ns_pid == MODE_NODE && req.ns_ipc == MODE_NODE),

@@ -270,6 +270,11 @@ fn channel(value: i32) -> Result<Channel, Invalid> {
 enum Scope {
     Host,
     Cell(CellName),
+    /// A CRI pod sandbox: the signals inside its cell.
+    Pod {
+        id: String,
+        cell: CellName,
+    },
     /// A VM's guest: its own auraed's host-wide stream, relayed.
     Vm(String),
 }
@@ -281,9 +286,22 @@ fn scope(r: &GetPosixSignalsStreamRequest) -> Result<Scope, ObserveError> {
     match WorkloadType::try_from(w.workload_type) {
         Ok(WorkloadType::Unspecified) => Ok(Scope::Host),
         Ok(WorkloadType::Cell) => Ok(Scope::Cell(CellName::parse("workload.id", &w.id)?)),
-        Ok(WorkloadType::PodSandbox) => Err(ObserveError::Unimplemented(
-            "signals of POD_SANDBOX workloads are not supported yet; use WORKLOAD_TYPE_CELL".into(),
-        )),
+        // A CRI pod sandbox is a cell of its own (crate::cri::sandbox): its
+        // signals are that cell's.
+        Ok(WorkloadType::PodSandbox) => match crate::cri::sandbox::cell_of(&w.id) {
+            Some(cell) => Ok(Scope::Pod {
+                id: w.id.clone(),
+                cell: CellName::parse("workload.id", &cell)?,
+            }),
+            None => Err(Invalid {
+                field: "workload.id",
+                reason: format!(
+                    "must be a pod sandbox id (64 lowercase hex digits), got {:?}",
+                    w.id
+                ),
+            }
+            .into()),
+        },
         Ok(WorkloadType::Vm) if w.id.is_empty() => Err(Invalid {
             field: "workload.id",
             reason: "is required (the VM's id)".into(),
@@ -395,7 +413,9 @@ impl ObserveService for ObserveServiceImpl {
         const SIGNALS: &str = methods::OBSERVE_SIGNALS;
         match &scope {
             Scope::Host => caller.check(SIGNALS, Target::Host, None)?,
-            Scope::Cell(name) => caller.check(SIGNALS, Target::Cell(name), None)?,
+            Scope::Cell(name) | Scope::Pod { cell: name, .. } => {
+                caller.check(SIGNALS, Target::Cell(name), None)?
+            }
             // A guest's signals are the whole guest's: the host's business.
             Scope::Vm(id) => caller.check(
                 SIGNALS,
@@ -415,11 +435,22 @@ impl ObserveService for ObserveServiceImpl {
             .get()
             .await
             .map_err(ObserveError::Unavailable)?;
+        let pod = match &scope {
+            Scope::Pod { id, .. } => Some(id.clone()),
+            _ => None,
+        };
         let filter = match (scope, visible) {
             (Scope::Host, None) => None,
             (Scope::Host, Some(v)) => Some(signals::CellFilter::host_wide(self.cells.clone(), v)?),
-            (Scope::Cell(name), v) => {
-                let f = signals::CellFilter::new(self.cells.clone(), name)?;
+            (Scope::Cell(name), v) | (Scope::Pod { cell: name, .. }, v) => {
+                let f = signals::CellFilter::new(self.cells.clone(), name).map_err(|e| {
+                    match (&pod, e) {
+                        (Some(id), ObserveError::NotFound(_)) => {
+                            ObserveError::NotFound(format!("pod sandbox {id} not found"))
+                        }
+                        (_, e) => e,
+                    }
+                })?;
                 Some(match v {
                     Some(v) => f.only(v),
                     None => f,
@@ -471,9 +502,19 @@ mod tests {
             scope(&req(1, "a b")),
             Err(ObserveError::Invalid(_))
         ));
+        assert!(matches!(scope(&req(2, "x")), Err(ObserveError::Invalid(_))));
+        let id = "0123456789abcdef".repeat(4);
+        match scope(&req(2, &id)) {
+            Ok(Scope::Pod { id: i, cell }) => {
+                assert_eq!(i, id);
+                assert_eq!(cell.to_string(), "cri-0123456789abcdef");
+            }
+            other => panic!("{other:?}"),
+        }
+        let upper = id.to_uppercase();
         assert!(matches!(
-            scope(&req(2, "x")),
-            Err(ObserveError::Unimplemented(_))
+            scope(&req(2, &upper)),
+            Err(ObserveError::Invalid(_))
         ));
         assert_eq!(scope(&req(3, "x")).ok(), Some(Scope::Vm("x".into())));
         assert!(matches!(scope(&req(3, "")), Err(ObserveError::Invalid(_))));
