@@ -301,6 +301,7 @@ impl Cells {
                 new_network: spec.isolate_network,
                 hostname: name.leaf().to_owned(),
                 socket: self.store.new_holder_socket(),
+                into: self.backend.unified_dir(&name.components()),
             };
             match spawn::spawn_holder(hs).await {
                 Ok(h) => {
@@ -454,6 +455,9 @@ impl Cells {
                     .as_ref()
                     .and_then(|h| h.spawner.clone())
             }),
+            // The cell's cgroup2 leaf: the shim forks the executable into
+            // it with clone3 (it is one of `procs_files`).
+            into: entry.and_then(|e| self.backend.unified_dir(&e.name.components())),
         };
         let spawned = match shim::spawn(spec).await {
             Ok(s) => s,
