@@ -611,6 +611,15 @@ async fn isolation_is_real_from_inside() {
     // The host's mount table did not change (no /proc of the cell here).
     let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!host_mounts.contains(&name));
+    // With a cgroup2 tree (this hybrid host's mirror), the holder was
+    // forked into the cell's leaf there (clone3), not migrated.
+    if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").is_file() {
+        let log = d.log();
+        assert!(
+            log.contains("holders are forked into their cgroup with clone3(CLONE_INTO_CGROUP)"),
+            "{log}"
+        );
+    }
     free(&c, &name).await.unwrap();
     assert!(!alive(pid));
 }
@@ -660,6 +669,16 @@ async fn a_non_isolated_cell_shares_the_host_namespaces_but_not_cgroup_ns() {
             .all(|l| l.ends_with(":/")),
         "{out}"
     );
+    // The cgroup2 mirror too (its `_exec` leaf), where the executable was
+    // forked into with clone3 rather than migrated.
+    if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").is_file() {
+        assert!(out.lines().any(|l| l == "0::/"), "{out}");
+        let log = d.log();
+        assert!(
+            log.contains("executables are forked into their cgroup with clone3(CLONE_INTO_CGROUP)"),
+            "{log}"
+        );
+    }
     free(&c, &name).await.unwrap();
 }
 
