@@ -48,9 +48,17 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Whether an earlier call found clone3 into a cgroup unavailable.
+/// Environment variable that turns the clone3 path off (`0`), for
+/// measuring the start path with and without it in one build; inherited
+/// by shims.
+pub const DISABLE_ENV: &str = "AURAE_CLONE_INTO_CGROUP";
+
+/// Whether an earlier call found clone3 into a cgroup unavailable, or
+/// [`DISABLE_ENV`] is `0`.
 pub fn known_unsupported() -> bool {
-    UNSUPPORTED.load(Ordering::Relaxed)
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os(DISABLE_ENV).is_some_and(|v| v == "0"))
+        || UNSUPPORTED.load(Ordering::Relaxed)
 }
 
 /// How many processes this process started with CLONE_INTO_CGROUP.
