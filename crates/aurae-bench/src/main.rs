@@ -67,6 +67,10 @@ struct Args {
     /// `scripts/guest-image` (see README).
     #[arg(long)]
     v2_guest: bool,
+    /// With --v2-guest: remount the guest's cgroup2 with favordynmods
+    /// first (the guest's only; the host's mounts are never touched).
+    #[arg(long, requires = "v2_guest")]
+    guest_favordynmods: bool,
     /// In the guest: print N samples of each floor, one per line.
     #[arg(long, value_name = "N", hide = true)]
     floor_inner: Option<usize>,
@@ -147,7 +151,7 @@ async fn run_guest(
     let mut host = Daemon::spawn_with(&bin, work, &pki, &extra)?;
     host.wait_ready().await?;
     progress("figure 7: cgroup v2 guest (boots a VM under TCG)");
-    match figures::guest::figures(&host, report.settings.runs).await {
+    match figures::guest::figures(&host, report.settings.runs, args.guest_favordynmods).await {
         Ok(f) => report.figures.extend(f),
         Err(e) => report
             .figures

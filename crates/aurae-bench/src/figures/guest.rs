@@ -73,7 +73,11 @@ pub fn daemon_args() -> anyhow::Result<Vec<String>> {
 }
 
 /// Boots the guest, measures, stops it.
-pub async fn figures(host: &Daemon, runs: usize) -> anyhow::Result<Vec<Figure>> {
+pub async fn figures(
+    host: &Daemon,
+    runs: usize,
+    favordynmods: bool,
+) -> anyhow::Result<Vec<Figure>> {
     let img = image()?;
     let mut vms = host.client().await?.vms();
     let id = format!("bench-{}", std::process::id());
@@ -108,7 +112,24 @@ pub async fn figures(host: &Daemon, runs: usize) -> anyhow::Result<Vec<Figure>> 
     cfg.system.socket = address;
     let r = async {
         let guest = Client::connect(&cfg).await.context("connect to the guest")?;
-        measure(&guest, runs).await
+        let mount = if favordynmods {
+            // The guest is ours and thrown away after: its cgroup2 mount
+            // may change.
+            "mount -o remount,favordynmods /sys/fs/cgroup 2>&1; grep ' /sys/fs/cgroup ' /proc/mounts"
+        } else {
+            "grep ' /sys/fs/cgroup ' /proc/mounts"
+        };
+        let m = run_in_guest(&guest, "mount", mount).await?.join(" ");
+        eprintln!("aurae-bench: guest: {m}");
+        anyhow::ensure!(
+            m.contains("favordynmods") == favordynmods,
+            "the guest's cgroup2 mount: {m}"
+        );
+        let mut figs = measure(&guest, runs).await?;
+        for f in &mut figs {
+            f.note(format!("guest cgroup2 mount: {m}"));
+        }
+        Ok(figs)
     }
     .await;
     let _ = vms.stop(VmServiceStopRequest { vm_id: id }).await;
@@ -228,21 +249,40 @@ async fn measure(guest: &Client, runs: usize) -> anyhow::Result<Vec<Figure>> {
 
 /// `aurae-bench --floor-inner N` in the guest's own context; its lines.
 async fn run_floor(guest: &Client, n: usize) -> anyhow::Result<Vec<String>> {
-    let name = format!("floor-{}", Instant::now().elapsed().as_nanos() ^ n as u128);
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let lines = run_in_guest(
+        guest,
+        &format!("floor-{k}"),
+        &format!("/sbin/aurae-bench --floor-inner {n} 2>&1"),
+    )
+    .await?;
+    if !lines.iter().any(|l| l.starts_with("cold_iso ")) {
+        anyhow::bail!(
+            "the in-guest floor (/sbin/aurae-bench; does the image carry it? scripts/guest-image target/release/auraed) said: {}",
+            lines.join(" | ")
+        );
+    }
+    Ok(lines)
+}
+
+/// Runs `sh -c command` in the guest's own context; its stdout lines.
+async fn run_in_guest(guest: &Client, name: &str, command: &str) -> anyhow::Result<Vec<String>> {
+    let name = name.to_owned();
     let pid = guest
         .cells()
         .start(CellServiceStartRequest {
             cell_name: None,
             executable: Some(Executable {
                 name: name.clone(),
-                command: format!("/sbin/aurae-bench --floor-inner {n} 2>&1"),
+                command: command.to_owned(),
                 description: String::new(),
             }),
             uid: None,
             gid: None,
         })
         .await
-        .context("start the in-guest floor")?
+        .with_context(|| format!("start {command:?} in the guest"))?
         .into_inner()
         .pid;
     let mut s = guest
@@ -254,10 +294,10 @@ async fn run_floor(guest: &Client, n: usize) -> anyhow::Result<Vec<String>> {
             line_blocks: false,
         })
         .await
-        .context("the in-guest floor's output")?
+        .context("output in the guest")?
         .into_inner();
     let mut lines = Vec::new();
-    while let Some(r) = s.message().await.context("the in-guest floor's output")? {
+    while let Some(r) = s.message().await.context("output in the guest")? {
         lines.push(r.item.map(|i| i.line).unwrap_or_default());
     }
     let _ = guest
@@ -267,12 +307,6 @@ async fn run_floor(guest: &Client, n: usize) -> anyhow::Result<Vec<String>> {
             executable_name: name,
         })
         .await;
-    if !lines.iter().any(|l| l.starts_with("cold_iso ")) {
-        anyhow::bail!(
-            "the in-guest floor (/sbin/aurae-bench; does the image carry it? scripts/guest-image target/release/auraed) said: {}",
-            lines.join(" | ")
-        );
-    }
     Ok(lines)
 }
 
