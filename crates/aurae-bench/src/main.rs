@@ -71,6 +71,10 @@ struct Args {
     /// first (the guest's only; the host's mounts are never touched).
     #[arg(long, requires = "v2_guest")]
     guest_favordynmods: bool,
+    /// With --v2-guest: the guest's auraed joins cells by writing
+    /// cgroup.procs instead of clone3(CLONE_INTO_CGROUP) (before/after).
+    #[arg(long, requires = "v2_guest")]
+    guest_no_clone3: bool,
     /// In the guest: print N samples of each floor, one per line.
     #[arg(long, value_name = "N", hide = true)]
     floor_inner: Option<usize>,
@@ -151,7 +155,13 @@ async fn run_guest(
     let mut host = Daemon::spawn_with(&bin, work, &pki, &extra)?;
     host.wait_ready().await?;
     progress("figure 7: cgroup v2 guest (boots a VM under TCG)");
-    match figures::guest::figures(&host, report.settings.runs, args.guest_favordynmods).await {
+    let f = figures::guest::figures(
+        &host,
+        report.settings.runs,
+        args.guest_favordynmods,
+        !args.guest_no_clone3,
+    );
+    match f.await {
         Ok(f) => report.figures.extend(f),
         Err(e) => report
             .figures

@@ -77,6 +77,7 @@ pub async fn figures(
     host: &Daemon,
     runs: usize,
     favordynmods: bool,
+    clone3: bool,
 ) -> anyhow::Result<Vec<Figure>> {
     let img = image()?;
     let mut vms = host.client().await?.vms();
@@ -87,7 +88,13 @@ pub async fn figures(
             mem_size_mb: 512,
             vcpu_count: 1,
             kernel_img_path: img.kernel,
-            kernel_args: vec!["quiet".into()],
+            // The kernel passes `k=v` words it does not know to init's
+            // environment: the guest's auraed (and its shims) see it.
+            kernel_args: if clone3 {
+                vec!["quiet".into()]
+            } else {
+                vec!["quiet".into(), "AURAE_CLONE_INTO_CGROUP=0".into()]
+            },
             root_drive: Some(RootDrive {
                 host_path: img.initrd,
                 is_writeable: false,
@@ -128,6 +135,9 @@ pub async fn figures(
         let mut figs = measure(&guest, runs).await?;
         for f in &mut figs {
             f.note(format!("guest cgroup2 mount: {m}"));
+            if !clone3 {
+                f.note("--guest-no-clone3: the guest's auraed migrates by cgroup.procs (AURAE_CLONE_INTO_CGROUP=0)");
+            }
         }
         Ok(figs)
     }
@@ -230,7 +240,7 @@ async fn measure(guest: &Client, runs: usize) -> anyhow::Result<Vec<Figure>> {
         ))
         .row(rtt_a.row("rpc_rtt", RTT, Kind::Baseline, "ms"));
     a.note("auraed is driven from the host through the guest's forwarded TCP port (mTLS): 4 RPCs and the exit stream per sample");
-    a.note("the guest's auraed forks the holder (and the shims, the executables) into the cell's cgroup with clone3(CLONE_INTO_CGROUP); the floor joins by writing cgroup.procs, as on the host");
+    a.note("the guest's auraed forks the holder (and so the shims and executables) into the cell's cgroup with clone3(CLONE_INTO_CGROUP) unless told not to; the floor joins by writing cgroup.procs, as on the host");
     let mut b = Figure::new(
         "7b",
         "cgroup v2 guest (QEMU TCG, 1 vCPU), warm start: Start /bin/true in an existing isolated cell → pid returned",
