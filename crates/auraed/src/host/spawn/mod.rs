@@ -573,12 +573,17 @@ fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i
 /// The child of [`spawn_into`]: never returns.
 fn child_exec(setup: &ChildSetup, exec: &Exec, devnull: RawFd, err: RawFd) -> ! {
     let r = (|| -> io::Result<()> {
-        setup.apply()?;
-        // SAFETY: plain system calls on fds of ours and a constant string;
-        // a zeroed sigaction is SIG_DFL with an empty mask.
+        // Stdio first: `apply` ends by moving the spawn socket to fd 3,
+        // which /dev/null's number may have been.
+        // SAFETY: plain system calls on fds of ours.
         unsafe {
             check(libc::dup2(devnull, 0))?;
             check(libc::dup2(devnull, 1))?;
+        }
+        setup.apply()?;
+        // SAFETY: plain system calls on a constant string; a zeroed
+        // sigaction is SIG_DFL with an empty mask.
+        unsafe {
             check(libc::chdir(c"/".as_ptr()))?;
             // As std's Command: SIGPIPE (ignored by the daemon) back to
             // the default, no signal blocked.
