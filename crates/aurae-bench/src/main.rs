@@ -143,11 +143,7 @@ fn progress(what: &str) {
 }
 
 /// `--v2-guest`: figure 7 alone.
-async fn run_guest(
-    args: &Args,
-    work: &std::path::Path,
-    report: &mut Report,
-) -> anyhow::Result<()> {
+async fn run_guest(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow::Result<()> {
     let bin = daemon::find_auraed(args.auraed.clone())?;
     let pki = work.join("pki");
     let extra = figures::guest::daemon_args()?;

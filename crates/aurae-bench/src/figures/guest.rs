@@ -225,20 +225,25 @@ async fn measure(guest: &Client, runs: usize) -> anyhow::Result<Vec<Figure>> {
         "cgroup v2 guest (QEMU TCG, 1 vCPU), cold isolated start: Allocate → Start /bin/true → exit observed → Free",
         Better::Lower,
     );
-    a.row(cold.row("auraed", "auraed (in the guest, driven from the host)", Kind::Ours, "ms"))
-        .row(f_iso.row(
-            "floor_isolated_cold",
-            "floor (in guest): mkdir cgroup+limits, pid+ipc+uts+mnt+net+cgroup ns, rmdir",
-            Kind::Floor,
-            "ms",
-        ))
-        .row(f_spawn.row(
-            "floor_spawn",
-            "floor (in guest): posix_spawn+wait /bin/true",
-            Kind::Floor,
-            "ms",
-        ))
-        .row(rtt_a.row("rpc_rtt", RTT, Kind::Baseline, "ms"));
+    a.row(cold.row(
+        "auraed",
+        "auraed (in the guest, driven from the host)",
+        Kind::Ours,
+        "ms",
+    ))
+    .row(f_iso.row(
+        "floor_isolated_cold",
+        "floor (in guest): mkdir cgroup+limits, pid+ipc+uts+mnt+net+cgroup ns, rmdir",
+        Kind::Floor,
+        "ms",
+    ))
+    .row(f_spawn.row(
+        "floor_spawn",
+        "floor (in guest): posix_spawn+wait /bin/true",
+        Kind::Floor,
+        "ms",
+    ))
+    .row(rtt_a.row("rpc_rtt", RTT, Kind::Baseline, "ms"));
     a.note("auraed is driven from the host through the guest's forwarded TCP port (mTLS): 4 RPCs and the exit stream per sample");
     a.note("the guest's auraed forks the holder (and so the shims and executables) into the cell's cgroup with clone3(CLONE_INTO_CGROUP) unless told not to; the floor joins by writing cgroup.procs, as on the host");
     let mut b = Figure::new(

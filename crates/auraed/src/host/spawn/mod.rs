@@ -536,10 +536,14 @@ fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i
     let forked = unsafe { clone3::fork_into(dir.as_raw_fd()) }.map_err(fail)?;
     let pid = match forked {
         Err(clone3::Unsupported(e)) => {
-            tracing::info!("clone3(CLONE_INTO_CGROUP) unavailable ({e}): processes migrate into their cgroups");
+            tracing::info!(
+                "clone3(CLONE_INTO_CGROUP) unavailable ({e}): processes migrate into their cgroups"
+            );
             return Ok(None);
         }
-        Ok(clone3::Forked::Child) => child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd()),
+        Ok(clone3::Forked::Child) => {
+            child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd())
+        }
         Ok(clone3::Forked::Parent(pid)) => pid,
     };
     reaper::record_locked(guard, pid);
@@ -556,7 +560,11 @@ fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i
     if n > 0 {
         // SAFETY: waiting for our own child, which exits right away.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        let errno = if n == 4 { i32::from_ne_bytes(buf) } else { libc::EIO };
+        let errno = if n == 4 {
+            i32::from_ne_bytes(buf)
+        } else {
+            libc::EIO
+        };
         return Err(fail(io::Error::from_raw_os_error(errno)));
     }
     // Reap it when it ends (a holder may run for as long as its cell).
@@ -592,7 +600,11 @@ fn child_exec(setup: &ChildSetup, exec: &Exec, devnull: RawFd, err: RawFd) -> ! 
             libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
-            check(libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()))?;
+            check(libc::sigprocmask(
+                libc::SIG_SETMASK,
+                &none,
+                std::ptr::null_mut(),
+            ))?;
             libc::execve(exec.program, exec.argv.as_ptr(), exec.envp.as_ptr());
         }
         Err(io::Error::last_os_error())
