@@ -221,7 +221,7 @@ async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow
     figs.push(figures::start::cold(&ctx).await);
     progress("figure 2: warm start");
     match figures::start::warm(&ctx).await {
-        Ok((a, b)) => figs.extend([a, b]),
+        Ok((a, b, c)) => figs.extend([a, b, c]),
         Err(e) => figs.push(Figure::failed("2", "warm start", Better::Lower, &e)),
     }
     progress("figure 3: throughput");

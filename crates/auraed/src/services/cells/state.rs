@@ -315,7 +315,7 @@ impl Cells {
                 }
             }
         }
-        if holder.is_none() && !self.backend.is_v2() {
+        if holder.is_none() && !self.backend.is_v2() && plain_spawner_enabled() {
             // A plain cell on v1 hierarchies: a holder without namespaces
             // of its own (the parent's, and a cgroup namespace rooted at
             // the cell) forks the cell's shims, so executables are born in
@@ -632,4 +632,12 @@ impl Cells {
             _ => None,
         }
     }
+}
+
+/// `AURAE_PLAIN_CELL_SPAWNER=0` in the daemon's environment: plain cells
+/// get no spawner (their shims are the daemon's, as before), for
+/// before/after figures.
+fn plain_spawner_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("AURAE_PLAIN_CELL_SPAWNER").is_none_or(|v| v != "0"))
 }
