@@ -130,8 +130,7 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure, Figure)> {
         plain_pid
             .sample(|| async {
                 let (p, e) =
-                    cells::run_true(&ctx.client, &ctx.exit, "warm-plain", &format!("p{i}"))
-                        .await?;
+                    cells::run_true(&ctx.client, &ctx.exit, "warm-plain", &format!("p{i}")).await?;
                 plain_exit_ms = Some(ms(e));
                 Ok(ms(p))
             })
