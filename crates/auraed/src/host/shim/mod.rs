@@ -5,9 +5,13 @@
 //! executable's parent: it holds the read ends of its stdout and stderr
 //! pipes and writes them to size-capped files in the executable's
 //! directory (see [`format`]), and it is the one that sees the exit and
-//! records it (`exit.json`). It runs in the daemon's own namespaces and
-//! cgroup; only the executable it forks joins the cell (cgroups, then
-//! namespaces, then uid/gid, as `ChildSetup` does for holders).
+//! records it (`exit.json`). Started by the daemon ([`spawn`]), it runs in
+//! the daemon's own namespaces and cgroup, and only the executable it
+//! forks joins the cell (cgroups — by clone3 into the cell's cgroup2
+//! directory where there is one, see `spawn::clone3` — then namespaces,
+//! then uid/gid, as `ChildSetup` does for holders). A cell with a spawner
+//! (an isolated cell's holder, or a plain cell's on v1 hierarchies) forks
+//! its shims inside the cell instead ([`fork_in_cell`]).
 //!
 //! After the exit, the shim keeps the executable a zombie (so its pid and
 //! process group id cannot be reused) while other members of its process
