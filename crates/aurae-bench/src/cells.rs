@@ -91,6 +91,21 @@ pub async fn allocate(client: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A plain cell (host namespaces) with the same limits.
+pub async fn allocate_plain(client: &Client, name: &str) -> anyhow::Result<()> {
+    let cell = Cell {
+        isolate_process: false,
+        isolate_network: false,
+        ..isolated_cell(name)
+    };
+    client
+        .cells()
+        .allocate(CellServiceAllocateRequest { cell: Some(cell) })
+        .await
+        .with_context(|| format!("Allocate {name}"))?;
+    Ok(())
+}
+
 pub async fn free(client: &Client, name: &str) -> anyhow::Result<()> {
     client
         .cells()

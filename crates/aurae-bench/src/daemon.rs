@@ -36,6 +36,8 @@ pub struct Daemon {
     dir: PathBuf,
     pub cgroup_root: String,
     pki: PathBuf,
+    /// More arguments for auraed.
+    extra: Vec<String>,
     /// stop() ran.
     stopped: bool,
 }
@@ -44,17 +46,28 @@ impl Daemon {
     /// Spawns `bin` with its state under `work/<tag>-N` and the PKI in
     /// `pki` (generated on first start, reused after). Not yet ready.
     pub fn spawn(bin: &Path, work: &Path, pki: &Path) -> anyhow::Result<Daemon> {
+        Self::spawn_with(bin, work, pki, &[])
+    }
+
+    /// As [`Daemon::spawn`], with more arguments for auraed.
+    pub fn spawn_with(
+        bin: &Path,
+        work: &Path,
+        pki: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Daemon> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = work.join(format!("auraed-{n}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let cgroup_root = format!("/aurae-bench-{}-d{n}", std::process::id());
-        let child = launch(bin, &dir, &cgroup_root, pki)?;
+        let child = launch(bin, &dir, &cgroup_root, pki, extra)?;
         Ok(Daemon {
             bin: bin.to_owned(),
             child,
             dir,
             cgroup_root,
             pki: pki.to_owned(),
+            extra: extra.to_vec(),
             stopped: false,
         })
     }
@@ -76,7 +89,13 @@ impl Daemon {
             .context("open auraed.log")?;
         let _ = writeln!(log, "aurae-bench: auraed killed ({st}); starting a new one");
         let t0 = Instant::now();
-        self.child = launch(&self.bin, &self.dir, &self.cgroup_root, &self.pki)?;
+        self.child = launch(
+            &self.bin,
+            &self.dir,
+            &self.cgroup_root,
+            &self.pki,
+            &self.extra,
+        )?;
         let client = self.wait_ready().await?;
         Ok((client, t0, t0.elapsed()))
     }
@@ -190,7 +209,13 @@ impl Drop for Daemon {
 
 /// Starts `bin` on `dir` (its socket, runtime and library directories, its
 /// log appended to `dir/auraed.log`), the PKI in `pki`, `cgroup_root`.
-fn launch(bin: &Path, dir: &Path, cgroup_root: &str, pki: &Path) -> anyhow::Result<Child> {
+fn launch(
+    bin: &Path,
+    dir: &Path,
+    cgroup_root: &str,
+    pki: &Path,
+    extra: &[String],
+) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -219,6 +244,7 @@ fn launch(bin: &Path, dir: &Path, cgroup_root: &str, pki: &Path) -> anyhow::Resu
         .arg("free")
         .arg("--output-cap")
         .arg(OUTPUT_CAP)
+        .args(extra)
         // The first-start PKI also writes ~/.aurae/config: keep it in here.
         .env("HOME", dir)
         .env("RUST_LOG", "warn")

@@ -62,6 +62,22 @@ struct Args {
     /// Daemon start-ups timed in the footprint figure (default 5; 2 with --quick).
     #[arg(long)]
     startups: Option<usize>,
+    /// Only figure 7: cold and warm start in a cgroup v2 VM guest (QEMU
+    /// TCG) beside the floor measured in that guest; needs the image of
+    /// `scripts/guest-image` (see README).
+    #[arg(long)]
+    v2_guest: bool,
+    /// With --v2-guest: remount the guest's cgroup2 with favordynmods
+    /// first (the guest's only; the host's mounts are never touched).
+    #[arg(long, requires = "v2_guest")]
+    guest_favordynmods: bool,
+    /// With --v2-guest: the guest's auraed joins cells by writing
+    /// cgroup.procs instead of clone3(CLONE_INTO_CGROUP) (before/after).
+    #[arg(long, requires = "v2_guest")]
+    guest_no_clone3: bool,
+    /// In the guest: print N samples of each floor, one per line.
+    #[arg(long, value_name = "N", hide = true)]
+    floor_inner: Option<usize>,
 }
 
 impl Args {
@@ -126,7 +142,35 @@ fn progress(what: &str) {
     eprintln!("aurae-bench: {what}");
 }
 
+/// `--v2-guest`: figure 7 alone.
+async fn run_guest(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow::Result<()> {
+    let bin = daemon::find_auraed(args.auraed.clone())?;
+    let pki = work.join("pki");
+    let extra = figures::guest::daemon_args()?;
+    progress(&format!("starting {} to boot the guest", bin.display()));
+    let mut host = Daemon::spawn_with(&bin, work, &pki, &extra)?;
+    host.wait_ready().await?;
+    progress("figure 7: cgroup v2 guest (boots a VM under TCG)");
+    let f = figures::guest::figures(
+        &host,
+        report.settings.runs,
+        args.guest_favordynmods,
+        !args.guest_no_clone3,
+    );
+    match f.await {
+        Ok(f) => report.figures.extend(f),
+        Err(e) => report
+            .figures
+            .push(Figure::failed("7", "cgroup v2 guest", Better::Lower, &e)),
+    }
+    host.stop();
+    Ok(())
+}
+
 async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow::Result<()> {
+    if args.v2_guest {
+        return run_guest(args, work, report).await;
+    }
     let bin = daemon::find_auraed(args.auraed.clone())?;
     let pki = work.join("pki");
     progress(&format!("starting {} (throwaway PKI)", bin.display()));
@@ -177,7 +221,7 @@ async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow
     figs.push(figures::start::cold(&ctx).await);
     progress("figure 2: warm start");
     match figures::start::warm(&ctx).await {
-        Ok((a, b)) => figs.extend([a, b]),
+        Ok((a, b, c)) => figs.extend([a, b, c]),
         Err(e) => figs.push(Figure::failed("2", "warm start", Better::Lower, &e)),
     }
     progress("figure 3: throughput");
@@ -210,6 +254,15 @@ async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(n) = args.floor_inner {
+        return match figures::guest::inner(n) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("error {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("aurae-bench: needs root (cgroups, namespaces, runc)");

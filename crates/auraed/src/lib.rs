@@ -72,8 +72,11 @@ pub async fn run(
     let cgroups =
         host::cgroup::detect_host(config.cgroup_root.as_deref()).map_err(DaemonError::Cgroup)?;
     tracing::info!(
-        "cgroup backend: {}",
-        if cgroups.is_v2() { "v2" } else { "v1 (hybrid)" }
+        "cgroup backend: {}; {}",
+        if cgroups.is_v2() { "v2" } else { "v1 (hybrid)" },
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| host::cgroup::favordynmods_report(&m))
+            .unwrap_or_default()
     );
     let store = services::cells::persist::Store::open(&config.runtime_dir).map_err(|e| {
         DaemonError::State {

@@ -611,6 +611,15 @@ async fn isolation_is_real_from_inside() {
     // The host's mount table did not change (no /proc of the cell here).
     let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!host_mounts.contains(&name));
+    // With a cgroup2 tree (this hybrid host's mirror), the holder was
+    // forked into the cell's leaf there (clone3), not migrated.
+    if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").is_file() {
+        let log = d.log();
+        assert!(
+            log.contains("holders are forked into their cgroup with clone3(CLONE_INTO_CGROUP)"),
+            "{log}"
+        );
+    }
     free(&c, &name).await.unwrap();
     assert!(!alive(pid));
 }
@@ -660,6 +669,33 @@ async fn a_non_isolated_cell_shares_the_host_namespaces_but_not_cgroup_ns() {
             .all(|l| l.ends_with(":/")),
         "{out}"
     );
+    // The cgroup2 mirror too (its `_exec` leaf). On this hybrid host the
+    // cell's spawner (a holder without namespaces of its own) was cloned
+    // into it, and the executable, forked below it, was born there.
+    if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").is_file() {
+        assert!(out.lines().any(|l| l == "0::/"), "{out}");
+        let log = d.log();
+        assert!(
+            log.contains("holders are forked into their cgroup with clone3(CLONE_INTO_CGROUP)"),
+            "{log}"
+        );
+        // Forked by the spawner: the shim's parent is not the daemon.
+        let exe = run_capture(
+            &c,
+            dir.path(),
+            Some(&name),
+            "parent",
+            "ps -o pid=,ppid=,args= -p $PPID",
+        )
+        .await;
+        let ppid: i32 = exe
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        assert_ne!(ppid, d.pid(), "the daemon forked the shim: {exe}");
+        assert!(exe.contains("aurae-shim"), "{exe}");
+    }
     free(&c, &name).await.unwrap();
 }
 

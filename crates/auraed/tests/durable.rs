@@ -748,14 +748,30 @@ async fn shims_live_where_the_start_path_puts_them_and_record_exits_without_a_da
     let my_limit = limit(std::process::id() as i32);
     assert_eq!(limit(sleeper), my_limit);
 
-    // Plain: the shim is the daemon's child and in the daemon's cgroups.
     let plain_shim = ppid(plain_sleeper);
-    assert_eq!(ppid(plain_shim), daemon);
-    assert_eq!(proc_file(plain_shim, "cgroup"), proc_file(daemon, "cgroup"));
-    assert_ne!(
-        proc_file(plain_shim, "cgroup"),
-        proc_file(plain_sleeper, "cgroup")
-    );
+    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+        // Plain on pure v2: the shim is the daemon's child and in the
+        // daemon's cgroups (it clones the executable into the cell).
+        assert_eq!(ppid(plain_shim), daemon);
+        assert_eq!(proc_file(plain_shim, "cgroup"), proc_file(daemon, "cgroup"));
+        assert_ne!(
+            proc_file(plain_shim, "cgroup"),
+            proc_file(plain_sleeper, "cgroup")
+        );
+    } else {
+        // Plain on v1 hierarchies: the cell's spawner (a holder without
+        // namespaces of its own, the daemon's child) forks the shim in the
+        // cell's cgroups, in the daemon's pid and net namespaces.
+        let spawner = ppid(plain_shim);
+        assert_ne!(spawner, daemon, "the cell's spawner forks the shim");
+        assert_eq!(ppid(spawner), daemon);
+        assert_eq!(
+            proc_file(plain_shim, "cgroup"),
+            proc_file(plain_sleeper, "cgroup")
+        );
+        assert_eq!(ns(plain_shim, "pid"), ns(daemon, "pid"));
+        assert_eq!(ns(plain_sleeper, "net"), ns(daemon, "net"));
+    }
     assert!(proc_file(plain_sleeper, "cgroup").contains(&plain));
 
     // No daemon while `quitter` exits 9: its shim in the cell records it.

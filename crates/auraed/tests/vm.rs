@@ -406,7 +406,7 @@ async fn boot_cells_stop(g: &Guest, d: &Daemon) {
     check_drives(&guest, &console).await;
 
     let t = Instant::now();
-    v2_cells_in_the_guest(&guest).await;
+    v2_cells_in_the_guest(&guest, &console).await;
     eprintln!("cgroup v2 checks in the guest took {:?}", t.elapsed());
 
     let t = Instant::now();
@@ -528,7 +528,17 @@ fn ext4_image(d: &Daemon, name: &str) -> PathBuf {
 /// The cells' cgroup v2 backend on the guest's real v2 kernel, through
 /// the guest's auraed. Cgroup files are read from the guest's own context
 /// (as the host cells tests read them from the host).
-async fn v2_cells_in_the_guest(guest: &Client) {
+async fn v2_cells_in_the_guest(guest: &Client, console: &std::path::Path) {
+    // The guest's auraed logs to its console (info and up).
+    let logged = |what: &str| {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        assert!(
+            text.contains(&format!(
+                "{what} are forked into their cgroup with clone3(CLONE_INTO_CGROUP)"
+            )),
+            "the start path did not clone {what} into their cgroup; console:\n{text}"
+        );
+    };
     const ROOT: &str = "/sys/fs/cgroup/aurae";
     // The guest's own view, to compare the isolated cell with.
     let me = guest_run(
@@ -602,6 +612,8 @@ async fn v2_cells_in_the_guest(guest: &Client) {
         value(&inside, "procs").parse::<u32>().is_ok_and(|n| n >= 1),
         "the executable is not in {ROOT}/all/_exec: {inside:?}"
     );
+    // ... born there: clone3(CLONE_INTO_CGROUP), no migration.
+    logged("executables");
 
     // 2. An OOM kill at memory.max: dd's 64 MiB buffer in a 32 MiB cell.
     allocate(
@@ -786,6 +798,41 @@ async fn v2_cells_in_the_guest(guest: &Client) {
     );
     assert!(!value(&inside, "pid1").is_empty(), "no pid 1: {inside:?}");
     assert_eq!(value(&inside, "links"), "lo,", "only lo: {inside:?}");
+    // The holder was cloned into the cell's leaf (its shims and their
+    // executables are born there after it): the leaf holds the holder and
+    // a running executable, seen from the guest's root.
+    logged("holders");
+    let guest_pid = guest
+        .cells()
+        .start(CellServiceStartRequest {
+            cell_name: Some("iso".into()),
+            executable: Some(Executable {
+                name: "stay".into(),
+                command: "exec sleep 60".into(),
+                description: String::new(),
+            }),
+            uid: None,
+            gid: None,
+        })
+        .await
+        .expect("start in iso")
+        .into_inner()
+        .pid;
+    let leaf = guest_run(
+        guest,
+        None,
+        "read-iso",
+        &format!("echo procs=$(tr '\\n' ' ' < {ROOT}/iso/_exec/cgroup.procs)"),
+    )
+    .await;
+    let procs: Vec<i32> = value(&leaf, "procs")
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        procs.len() >= 3 && procs.contains(&guest_pid),
+        "holder, shim and executable {guest_pid} in {ROOT}/iso/_exec: {leaf:?}"
+    );
 
     // 5. Free leaves no cgroup behind.
     for cell in ["all", "oom", "busy", "iso"] {

@@ -2,6 +2,7 @@
 //! a row that says why, never an abort of the whole run.
 
 pub mod footprint;
+pub mod guest;
 pub mod signal;
 pub mod start;
 pub mod stream;

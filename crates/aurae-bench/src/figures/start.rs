@@ -85,10 +85,12 @@ pub async fn cold(ctx: &Ctx) -> Figure {
 
 /// Figures 2a (Start → pid returned) and 2b (Start → exit observed) in an
 /// existing isolated cell.
-pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure)> {
+pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure, Figure)> {
     let runs = ctx.settings.runs;
     let cell = "warm";
     cells::allocate(&ctx.client, cell).await?;
+    cells::allocate_plain(&ctx.client, "warm-plain").await?;
+    let (mut plain_pid, mut plain_exit) = (Series::default(), Series::default());
     let cg = CgroupSet::create(&format!("{}/warm", ctx.floor_rel))?;
     let procs = std::sync::Arc::new(cg.procs()?);
     let mut containers: Vec<Result<String, String>> = Vec::new();
@@ -123,6 +125,18 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure)> {
             .await;
         to_exit
             .sample(|| async { exit_ms.context("no sample") })
+            .await;
+        let mut plain_exit_ms = None;
+        plain_pid
+            .sample(|| async {
+                let (p, e) =
+                    cells::run_true(&ctx.client, &ctx.exit, "warm-plain", &format!("p{i}")).await?;
+                plain_exit_ms = Some(ms(e));
+                Ok(ms(p))
+            })
+            .await;
+        plain_exit
+            .sample(|| async { plain_exit_ms.context("no sample") })
             .await;
         spawn_only
             .sample(|| async {
@@ -164,10 +178,17 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure)> {
         }
     }
     let freed = cells::free(&ctx.client, cell).await;
+    let freed_plain = cells::free(&ctx.client, "warm-plain").await;
     drop(procs);
     cg.remove()?;
     freed?;
+    freed_plain?;
+    let exit_p50 = crate::stats::Stats::of(&plain_exit.samples).map_or(f64::NAN, |s| s.p50);
 
+    let spawn_only2 = Series {
+        samples: spawn_only.samples.clone(),
+        err: spawn_only.err.clone(),
+    };
     let mut a = Figure::new(
         "2a",
         "warm start: Start /bin/true in an existing isolated cell → pid returned",
@@ -209,5 +230,20 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure)> {
     }
     b.note(ctx.exit.describe());
     b.note("auraed's timing also includes /bin/sh -c (every Start runs `sh -c COMMAND`)");
-    Ok((a.finish(), b.finish()))
+    let mut c = Figure::new(
+        "2c",
+        "warm start: Start /bin/true in an existing plain cell (host namespaces, cpu max, memory max) → pid returned",
+        Better::Lower,
+    );
+    c.row(plain_pid.row("auraed", "auraed: Start → pid", Kind::Ours, "ms"))
+        .row(spawn_only2.row(
+            "floor_spawn",
+            "floor: posix_spawn returns (no wait)",
+            Kind::Floor,
+            "ms",
+        ));
+    c.note(format!(
+        "auraed Start → exit observed in the plain cell: p50 {exit_p50:.3} ms"
+    ));
+    Ok((a.finish(), b.finish(), c.finish()))
 }

@@ -195,6 +195,46 @@ pub fn detect_host(root_override: Option<&str>) -> Result<Arc<dyn CgroupBackend>
     detect(Path::new(DEFAULT_MOUNT_ROOT), &text, root_override)
 }
 
+/// Which cgroup hierarchies (below [`DEFAULT_MOUNT_ROOT`]) are mounted
+/// with `favordynmods` (Linux ≥ 6.0), from the text of
+/// /proc/self/mountinfo, as a sentence for the start-up log. Without it a
+/// migration (a `cgroup.procs` write) waits for an RCU grace period; with
+/// it on any hierarchy, migrations are cheap and every fork and exit pays
+/// a little more. The daemon never remounts: an operator who wants it
+/// runs `mount -o remount,favordynmods /sys/fs/cgroup` (v2) or the same on
+/// each v1 hierarchy (see README "Why we are fast").
+pub fn favordynmods_report(mountinfo: &str) -> String {
+    let (mut with, mut all) = (Vec::new(), 0);
+    for l in mountinfo.lines() {
+        // ... mount-point opts [optional fields] - fstype source super-opts
+        let mut f = l.split_whitespace();
+        let Some(point) = f.nth(4) else { continue };
+        let Some((_, tail)) = l.split_once(" - ") else {
+            continue;
+        };
+        let mut t = tail.split_whitespace();
+        let (Some(fs), _, Some(opts)) = (t.next(), t.next(), t.next()) else {
+            continue;
+        };
+        if !matches!(fs, "cgroup" | "cgroup2") || !point.starts_with(DEFAULT_MOUNT_ROOT) {
+            continue;
+        }
+        all += 1;
+        if opts.split(',').any(|o| o == "favordynmods") {
+            with.push(point.to_owned());
+        }
+    }
+    if with.is_empty() {
+        format!("favordynmods on none of {all} cgroup mounts (migrations wait for an RCU grace period; clone3 avoids them on cgroup2)")
+    } else {
+        format!(
+            "favordynmods on {} of {all} cgroup mounts ({})",
+            with.len(),
+            with.join(", ")
+        )
+    }
+}
+
 /// v1 cpu.shares for a v2 cpu.weight: maps 1..=10000 onto 2..=262144, the formula runc and crun use.
 pub fn weight_to_shares(weight: u64) -> u64 {
     2 + (weight.clamp(1, 10_000) - 1) * 262_142 / 9_999
@@ -596,6 +636,19 @@ fn has_subdirs(dir: &Path) -> Result<bool, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn favordynmods_is_read_from_super_options() {
+        let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+            32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,favordynmods\n\
+            50 31 0:40 / /elsewhere rw - cgroup2 cgroup2 rw,favordynmods\n";
+        assert_eq!(
+            favordynmods_report(info),
+            "favordynmods on 1 of 2 cgroup mounts (/sys/fs/cgroup/unified)"
+        );
+        assert!(favordynmods_report("").starts_with("favordynmods on none of 0"));
+    }
 
     #[test]
     fn shares_follow_runc_formula() {

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! aurae-shim __aurae_shim__ dir=FD status=FD pidns=FD|- procs=FD,FD..|-
-//!     ns=FLAG:FD,FLAG:FD..|- unshare=FLAGS uid=N|- gid=N|- cap=BYTES -- COMMAND
+//!     ns=FLAG:FD,FLAG:FD..|- unshare=FLAGS uid=N|- gid=N|- cap=BYTES
+//!     [into=FD] -- COMMAND
 //! ```
 //!
 //! Every `FD` is inherited (the daemon clears its close-on-exec flag in the
@@ -11,8 +12,12 @@
 //! the cgroup.procs files to join, `ns` the other namespaces as
 //! `clone flag:fd`. `unshare` is a decimal mask of clone flags; `uid`/`gid`
 //! are the ids to run as (`-`: keep the daemon's); `cap` the bytes of
-//! output kept per channel. The command is the one argument after `--`.
-//! Keys come in this order, each exactly once.
+//! output kept per channel. `into` (optional; absent in the format shims
+//! of earlier releases read) is a cgroup2 directory the executable is
+//! forked into with `clone3(CLONE_INTO_CGROUP)` (its `cgroup.procs` is
+//! then not in `procs`; the shim writes it itself where clone3 cannot).
+//! The command is the one argument after `--`. Keys come in this order,
+//! each exactly once.
 
 use std::{
     ffi::{OsStr, OsString},
@@ -31,6 +36,8 @@ pub(super) struct Args {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub cap: u64,
+    /// A cgroup2 directory to fork the executable into.
+    pub into: Option<RawFd>,
     pub command: Vec<u8>,
 }
 
@@ -41,6 +48,7 @@ impl Args {
         fds.extend(self.pid_ns);
         fds.extend(&self.procs);
         fds.extend(self.setns.iter().map(|&(_, fd)| fd));
+        fds.extend(self.into);
         fds
     }
 
@@ -66,11 +74,14 @@ impl Args {
             format!("uid={}", opt(self.uid)),
             format!("gid={}", opt(self.gid)),
             format!("cap={}", self.cap),
-            "--".to_owned(),
         ]
         .into_iter()
         .map(OsString::from)
         .collect();
+        if let Some(fd) = self.into {
+            argv.push(format!("into={fd}").into());
+        }
+        argv.push("--".into());
         argv.push(OsStr::from_bytes(&self.command).to_owned());
         argv
     }
@@ -116,7 +127,17 @@ impl Args {
         let uid = opt("uid", &next("uid")?)?;
         let gid = opt("gid", &next("gid")?)?;
         let cap = num("cap", &next("cap")?)?;
-        if argv.next().is_none_or(|a| a != "--") {
+        let mut into = None;
+        let mut sep = argv.next();
+        if let Some(v) = sep
+            .as_ref()
+            .and_then(|a| a.to_str())
+            .and_then(|a| a.strip_prefix("into="))
+        {
+            into = Some(num("into", v)?);
+            sep = argv.next();
+        }
+        if sep.is_none_or(|a| a != "--") {
             return Err("expected -- before the command".to_owned());
         }
         let command = argv.next().ok_or("missing the command")?;
@@ -133,6 +154,7 @@ impl Args {
             uid,
             gid,
             cap,
+            into,
             command: command.as_bytes().to_vec(),
         })
     }
@@ -154,6 +176,7 @@ mod tests {
             uid: Some(1000),
             gid: None,
             cap: 1 << 20,
+            into: Some(10),
             command: b"echo 'a b' -- x=1".to_vec(),
         };
         let empty = Args {
@@ -162,6 +185,7 @@ mod tests {
             setns: vec![],
             unshare: 0,
             uid: None,
+            into: None,
             command: Vec::new(),
             ..full.clone()
         };
@@ -169,7 +193,7 @@ mod tests {
             let argv = args.to_argv();
             assert_eq!(Args::parse(argv.into_iter()), Ok(args));
         }
-        assert_eq!(full_fds(), vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(full_fds(), vec![3, 4, 5, 6, 7, 8, 9]);
     }
 
     fn full_fds() -> Vec<RawFd> {
@@ -183,6 +207,7 @@ mod tests {
             uid: None,
             gid: None,
             cap: 0,
+            into: Some(9),
             command: Vec::new(),
         }
         .fds()
@@ -210,6 +235,11 @@ mod tests {
         ok.push("extra");
         assert!(parse(&ok).is_err());
         ok.pop();
+        ok.insert(9, "into=5");
+        assert_eq!(parse(&ok).map(|a| a.into), Ok(Some(5)));
+        ok[9] = "into=x";
+        assert!(parse(&ok).is_err());
+        ok.remove(9);
         ok[4] = "ns=1:2:3";
         assert!(parse(&ok).is_err());
     }

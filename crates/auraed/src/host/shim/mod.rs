@@ -5,9 +5,13 @@
 //! executable's parent: it holds the read ends of its stdout and stderr
 //! pipes and writes them to size-capped files in the executable's
 //! directory (see [`format`]), and it is the one that sees the exit and
-//! records it (`exit.json`). It runs in the daemon's own namespaces and
-//! cgroup; only the executable it forks joins the cell (cgroups, then
-//! namespaces, then uid/gid, as `ChildSetup` does for holders).
+//! records it (`exit.json`). Started by the daemon ([`spawn`]), it runs in
+//! the daemon's own namespaces and cgroup, and only the executable it
+//! forks joins the cell (cgroups — by clone3 into the cell's cgroup2
+//! directory where there is one, see `spawn::clone3` — then namespaces,
+//! then uid/gid, as `ChildSetup` does for holders). A cell with a spawner
+//! (an isolated cell's holder, or a plain cell's on v1 hierarchies) forks
+//! its shims inside the cell instead ([`fork_in_cell`]).
 //!
 //! After the exit, the shim keeps the executable a zombie (so its pid and
 //! process group id cannot be reused) while other members of its process
@@ -43,7 +47,7 @@ use tokio::{io::AsyncBufReadExt, process::Command};
 
 use crate::host::{
     proc::{self, ProcId},
-    spawn::{fdpass, holder, reaper, Kind, NsSet, SpawnError},
+    spawn::{clone3, fdpass, holder, reaper, Kind, NsSet, SpawnError},
 };
 
 /// argv[1] that makes `auraed` run as a shim (when `aurae-shim` is not
@@ -71,7 +75,16 @@ pub struct ShimSpec {
     /// The spawn socket of the cell's holder, if it serves one: the shim is
     /// then forked by the holder, inside the cell (see `spawn::holder`).
     pub spawner: Option<PathBuf>,
+    /// The cell's cgroup2 directory (pure v2, or the hybrid mirror): the
+    /// shim forks the executable into it with `clone3(CLONE_INTO_CGROUP)`
+    /// instead of having it write `into/cgroup.procs` (one of
+    /// `procs_files`), see `spawn::clone3`.
+    pub into: Option<PathBuf>,
 }
+
+/// The word a shim adds to its `ok` report when clone3 placed the
+/// executable in its cgroup.
+pub(crate) const INTO_WORD: &str = "into";
 
 /// A started executable and its shim.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +92,8 @@ pub struct Spawned {
     pub shim: ProcId,
     /// The executable (host pid).
     pub pid: ProcId,
+    /// Whether clone3 forked it into its cgroup (no migration).
+    pub cloned_into: bool,
 }
 
 /// Starts a shim that starts the executable; returns once the executable
@@ -110,7 +125,22 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
             Ok(s) => return Ok(s),
         }
     }
-    let procs = open_procs(&spec.procs_files)?;
+    // With `into`, the executable is born in that cgroup: its procs file is
+    // not written (the shim opens it itself where clone3 cannot).
+    let into = spec.into.as_ref().and_then(|d| match clone3::open_dir(d) {
+        Ok(fd) => Some((d.join("cgroup.procs"), fd)),
+        Err(e) => {
+            tracing::debug!("cannot open {}: {e}; joining by cgroup.procs", d.display());
+            None
+        }
+    });
+    let procs_files: Vec<PathBuf> = spec
+        .procs_files
+        .iter()
+        .filter(|p| into.as_ref().is_none_or(|(skip, _)| *p != skip))
+        .cloned()
+        .collect();
+    let procs = open_procs(&procs_files)?;
     let (status_r, status_w) = pipe().map_err(|source| SpawnError::Start {
         what: "shim",
         source,
@@ -130,6 +160,7 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
         uid: spec.uid,
         gid: spec.gid,
         cap: spec.output_cap.max(format::MIN_OUTPUT_CAP),
+        into: into.as_ref().map(|(_, fd)| fd.as_raw_fd()),
         command: spec.command.clone().into_bytes(),
     };
     let inherit = args.fds();
@@ -162,7 +193,7 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
         source,
     })?;
     // Ours now, the shim's copies stay open there.
-    drop((status_w, dir, procs));
+    drop((status_w, dir, procs, into));
     // Not reaped while we hold `child`, so it is there (at worst a zombie).
     let shim = child
         .id()
@@ -187,9 +218,16 @@ pub async fn spawn(spec: ShimSpec) -> Result<Spawned, SpawnError> {
     // Dropped without waiting: the shim outlives this call (tokio reaps it
     // in the background once it exits).
     drop(child);
-    parse_status(&line)
-        .map(|pid| Spawned { shim, pid })
-        .map_err(failed)
+    let pid = parse_status(&line).map_err(failed)?;
+    let cloned_into = line.split_whitespace().nth(3) == Some(INTO_WORD);
+    if cloned_into {
+        crate::host::spawn::note_into("executables", spec.into.as_deref());
+    }
+    Ok(Spawned {
+        shim,
+        pid,
+        cloned_into,
+    })
 }
 
 /// Overwrites this process's command line (what /proc/PID/cmdline and
@@ -257,6 +295,7 @@ async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Sp
         uid: spec.uid,
         gid: spec.gid,
         cap: spec.output_cap.max(format::MIN_OUTPUT_CAP),
+        into: None,
         command: spec.command.clone().into_bytes(),
     };
     let mut request = holder::SPAWN_REQUEST.to_vec();
@@ -332,6 +371,8 @@ async fn spawn_in_cell(spec: &ShimSpec, sock: &Path, dir: &OwnedFd) -> Result<Sp
             pid,
             start: local.start,
         },
+        // Born in the cell: nothing to migrate, nothing to clone into.
+        cloned_into: false,
     })
 }
 
@@ -508,6 +549,7 @@ mod tests {
             gid: None,
             output_cap: format::DEFAULT_OUTPUT_CAP,
             spawner: None,
+            into: None,
         }
     }
 
@@ -792,6 +834,40 @@ mod tests {
         unsafe { libc::kill(holder, libc::SIGKILL) };
         let _ = unshare.wait();
         let _ = std::fs::remove_dir(&cg);
+    }
+
+    /// With `into` (a cgroup2 directory), the executable is born there
+    /// (clone3) and the shim says so; its cgroup namespace is rooted there.
+    #[tokio::test]
+    async fn forks_into_a_cgroup2_directory() {
+        let base = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.controllers").is_file());
+        let Some(base) = base else {
+            eprintln!("skipped: no cgroup2 mount");
+            return;
+        };
+        let cg = base.join(format!("aurae-shim-into-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir(&cg) {
+            eprintln!("skipped: cannot make {}: {e}", cg.display());
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut sp = spec(d.path(), "cat /proc/self/cgroup; sleep 1");
+        sp.procs_files = vec![cg.join("cgroup.procs")];
+        sp.into = Some(cg.clone());
+        let s = spawn(sp).await.unwrap();
+        let procs = read(&cg, "cgroup.procs");
+        wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
+        wait_gone(&s).await;
+        let _ = std::fs::remove_dir(&cg);
+        eprintln!("executable in {}: clone3 {}", cg.display(), s.cloned_into);
+        assert!(procs.lines().any(|l| l == s.pid.pid.to_string()), "{procs}");
+        let out = lines(d.path(), "stdout.0");
+        assert!(out.iter().any(|l| l == "0::/"), "{out:?}");
+        // Kernels since 5.7 can; this test runs on newer ones.
+        assert!(s.cloned_into, "the shim did not use clone3");
     }
 
     /// What a shim costs: prints its RSS and PSS while it supervises.

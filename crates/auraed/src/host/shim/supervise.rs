@@ -151,6 +151,52 @@ fn report_in_cell(status: &OwnedFd, pid: libc::pid_t, start: u64) {
     }
 }
 
+/// Forks the executable: into the cgroup2 directory `into` with clone3
+/// when there is one and the kernel can (no migration), else with fork,
+/// the child then joining every cgroup by writing `cgroup.procs`. Returns
+/// the pid and whether clone3 placed it.
+fn fork_child(plan: &mut Plan, into: Option<&OwnedFd>) -> Result<(libc::pid_t, bool), String> {
+    use crate::host::spawn::clone3::{self, Forked};
+    let mut _fallback = None;
+    if let Some(dir) = into {
+        // SAFETY: we are single-threaded; the child only runs `plan.exec`,
+        // which makes async-signal-safe calls on data prepared above.
+        match unsafe { clone3::fork_into(dir.as_raw_fd()) } {
+            Ok(Ok(Forked::Child)) => plan.exec(),
+            Ok(Ok(Forked::Parent(pid))) => return Ok((pid, true)),
+            Ok(Err(clone3::Unsupported(_))) => {
+                // The old way: the child writes the cgroup's procs file.
+                // SAFETY: a relative path in a directory fd of ours; the
+                // new fd is owned below.
+                let fd = unsafe {
+                    libc::openat(
+                        dir.as_raw_fd(),
+                        c"cgroup.procs".as_ptr(),
+                        libc::O_WRONLY | libc::O_CLOEXEC,
+                    )
+                };
+                if fd < 0 {
+                    return Err(format!(
+                        "open the cgroup's cgroup.procs: {}",
+                        io::Error::last_os_error()
+                    ));
+                }
+                // SAFETY: a new fd owned by nobody else.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                plan.procs.push(fd.as_raw_fd());
+                _fallback = Some(fd);
+            }
+            Err(e) => return Err(format!("clone3: {e}")),
+        }
+    }
+    // SAFETY: as above.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", io::Error::last_os_error())),
+        0 => plan.exec(),
+        pid => Ok((pid, false)),
+    }
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -214,7 +260,7 @@ fn start(args: &Args, status: &OwnedFd, in_cell: bool) -> Result<Shim, String> {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         (args.uid.unwrap_or(uid), args.gid.unwrap_or(gid))
     });
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         &args.command,
         procs.iter().map(AsRawFd::as_raw_fd).collect(),
         setns.iter().map(|(f, fd)| (*f, fd.as_raw_fd())).collect(),
@@ -225,14 +271,10 @@ fn start(args: &Args, status: &OwnedFd, in_cell: bool) -> Result<Shim, String> {
         err_w.as_raw_fd(),
         fail_w.as_raw_fd(),
     )?;
-    // SAFETY: we are single-threaded; the child only runs `plan.exec`,
-    // which makes async-signal-safe calls on data prepared above.
-    let pid = match unsafe { libc::fork() } {
-        -1 => return Err(format!("fork: {}", io::Error::last_os_error())),
-        0 => plan.exec(),
-        pid => pid,
-    };
-    drop((out_w, err_w, fail_w, devnull, procs, setns));
+    // SAFETY: the fd was handed to us and nothing else owns it.
+    let into = args.into.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let (pid, cloned_into) = fork_child(&mut plan, into.as_ref())?;
+    drop((out_w, err_w, fail_w, devnull, procs, setns, into));
     // EOF once the child exec'd (close-on-exec) or died.
     let mut msg = Vec::new();
     let _ = io::Read::read_to_end(&mut std::fs::File::from(fail_r), &mut msg);
@@ -245,6 +287,9 @@ fn start(args: &Args, status: &OwnedFd, in_cell: bool) -> Result<Shim, String> {
     let start = proc::stat(pid).map_or(0, |s| s.start);
     if in_cell {
         report_in_cell(status, pid, start);
+    } else if cloned_into {
+        // The daemon counts these (see `super::parse_status`).
+        report(status, &format!("ok {pid} {start} {}", super::INTO_WORD));
     } else {
         report(status, &format!("ok {pid} {start}"));
     }

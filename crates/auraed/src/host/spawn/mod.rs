@@ -15,6 +15,7 @@
 //! itself re-executed in holder mode (see [`holder`]), PID 1 of the cell's
 //! pid namespace, which only reaps orphans until it is killed.
 
+pub mod clone3;
 pub mod fdpass;
 pub mod holder;
 pub mod namespaces;
@@ -30,7 +31,7 @@ use std::{
     sync::Arc,
 };
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 pub use namespaces::{Kind, NsSet};
 
@@ -71,6 +72,11 @@ pub struct HolderSpec {
     /// Where the holder listens for spawn requests (see [`holder`]); None:
     /// the daemon starts every shim itself.
     pub socket: Option<PathBuf>,
+    /// The cell's cgroup2 directory (pure v2, or the hybrid mirror), whose
+    /// `cgroup.procs` is one of `procs_files`: the holder is forked into it
+    /// with `clone3(CLONE_INTO_CGROUP)` (see [`clone3`]) where the kernel
+    /// can, instead of migrating there.
+    pub into: Option<PathBuf>,
 }
 
 /// A running holder and the namespaces it keeps alive. It is not tied to
@@ -226,6 +232,42 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         spec.parent_ns.clone().map_or(PidNs::Inherit, PidNs::Enter)
     };
     let serving = listener.is_some();
+    let into = spec
+        .into
+        .as_ref()
+        .filter(|_| !clone3::known_unsupported())
+        .and_then(|d| {
+            let skip = d.join("cgroup.procs");
+            let i = spec.procs_files.iter().position(|p| *p == skip)?;
+            clone3::open_dir(d).ok().map(|fd| (i, fd))
+        });
+    if let Some((skip, dir)) = into {
+        // The same setup without the write the clone makes needless.
+        let mut fast = setup.clone();
+        fast.procs.remove(skip);
+        let mut argv = vec![HOLDER_ARG];
+        if serving {
+            argv.push(holder::SPAWN_ARG);
+        }
+        let exec = Exec::new(holder_program(), &argv)?;
+        let pid_ns_fast = match &pid_ns {
+            PidNs::Inherit => PidNs::Inherit,
+            PidNs::Enter(ns) => PidNs::Enter(ns.clone()),
+            PidNs::New => PidNs::New,
+        };
+        let r = fork_with(pid_ns_fast, move || {
+            let r = spawn_into(&dir, &fast, &exec);
+            drop(dir);
+            r
+        })
+        .await?;
+        if let Some(pid) = r {
+            drop((procs, listener));
+            note_into("holders", spec.into.as_deref());
+            return Holder::new(pid, None, spec.socket.filter(|_| serving));
+        }
+        // Unsupported: nothing was forked; the old way below.
+    }
     let child = fork_with(pid_ns, move || {
         let mut cmd = Command::new(holder_program());
         cmd.arg(HOLDER_ARG);
@@ -394,6 +436,187 @@ fn holder_program() -> &'static std::path::Path {
     })
 }
 
+/// Says once in the log that clone3 placed a process in its cgroup (the
+/// VM test looks for the line), with the first directory.
+pub(crate) fn note_into(what: &str, dir: Option<&std::path::Path>) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if said.iter().any(|w| w == what) {
+        return;
+    }
+    said.push(what.to_owned());
+    tracing::info!(
+        "start path: {what} are forked into their cgroup with clone3(CLONE_INTO_CGROUP) (first: {})",
+        dir.map_or_else(String::new, |d| d.display().to_string())
+    );
+}
+
+/// A program and its argv/envp as C arrays, built before a fork.
+struct Exec {
+    _strings: Vec<CString>,
+    program: *const libc::c_char,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the value and never
+// changed; moving it to the spawner thread moves them together.
+unsafe impl Send for Exec {}
+
+impl Exec {
+    /// `program argv..` with the daemon's environment minus NOTIFY_SOCKET
+    /// (workloads must not speak for the daemon, see systemd.rs).
+    fn new(program: &std::path::Path, args: &[&str]) -> Result<Self, SpawnError> {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = |e: std::ffi::NulError| SpawnError::Start {
+            what: "holder",
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        };
+        let mut strings = vec![CString::new(program.as_os_str().as_bytes()).map_err(bad)?];
+        for a in args {
+            strings.push(CString::new(*a).map_err(bad)?);
+        }
+        let n_args = strings.len();
+        for (k, v) in std::env::vars_os() {
+            if k == crate::systemd::NOTIFY_SOCKET_ENV {
+                continue;
+            }
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            // A variable with a NUL cannot be passed; std skips it too.
+            if let Ok(c) = CString::new(kv) {
+                strings.push(c);
+            }
+        }
+        // A CString's bytes live on the heap: moving the Vec does not move
+        // them, so these pointers stay valid.
+        let mut argv: Vec<_> = strings[..n_args].iter().map(|c| c.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<_> = strings[n_args..].iter().map(|c| c.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        Ok(Self {
+            program: strings[0].as_ptr(),
+            _strings: strings,
+            argv,
+            envp,
+        })
+    }
+}
+
+/// Forks with `clone3(CLONE_INTO_CGROUP)` into the cgroup2 directory
+/// `dir`; the child applies `setup`, puts /dev/null on stdin and stdout
+/// (stderr is the daemon's) and execs `exec`. Returns once it exec'd (an
+/// error pipe with close-on-exec tells), None if the kernel cannot clone
+/// into a cgroup (nothing was forked). The child is recorded as owned and
+/// reaped by a task of its own once it exits (nobody reads its status).
+fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i32>, SpawnError> {
+    let fail = |source: io::Error| SpawnError::Start {
+        what: "holder",
+        source,
+    };
+    let devnull: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(fail)?
+        .into();
+    let mut p = [0 as RawFd; 2];
+    // SAFETY: a valid array of two fds to fill.
+    check(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }).map_err(fail)?;
+    // SAFETY: two new fds owned by nobody else.
+    let (err_r, err_w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]))
+    };
+    let guard = reaper::lock_owned();
+    // SAFETY: the child makes only async-signal-safe calls (ChildSetup::
+    // apply, dup2, chdir, sigaction, sigprocmask, execve, write, _exit) on
+    // data prepared above, and never returns.
+    let forked = unsafe { clone3::fork_into(dir.as_raw_fd()) }.map_err(fail)?;
+    let pid = match forked {
+        Err(clone3::Unsupported(e)) => {
+            tracing::info!(
+                "clone3(CLONE_INTO_CGROUP) unavailable ({e}): processes migrate into their cgroups"
+            );
+            return Ok(None);
+        }
+        Ok(clone3::Forked::Child) => {
+            child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd())
+        }
+        Ok(clone3::Forked::Parent(pid)) => pid,
+    };
+    reaper::record_locked(guard, pid);
+    drop(err_w);
+    let mut buf = [0u8; 4];
+    let n = loop {
+        // SAFETY: reading into a buffer of ours.
+        let n = unsafe { libc::read(err_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    if n > 0 {
+        // SAFETY: waiting for our own child, which exits right away.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        let errno = if n == 4 {
+            i32::from_ne_bytes(buf)
+        } else {
+            libc::EIO
+        };
+        return Err(fail(io::Error::from_raw_os_error(errno)));
+    }
+    // Reap it when it ends (a holder may run for as long as its cell).
+    if let Ok(fd) = proc::pidfd_open(pid) {
+        tokio::spawn(async move {
+            let _ = proc::exited(fd).await;
+            // SAFETY: our child, recorded as owned: nobody else reaps it.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        });
+    }
+    Ok(Some(pid))
+}
+
+/// The child of [`spawn_into`]: never returns.
+fn child_exec(setup: &ChildSetup, exec: &Exec, devnull: RawFd, err: RawFd) -> ! {
+    let r = (|| -> io::Result<()> {
+        // Stdio first: `apply` ends by moving the spawn socket to fd 3,
+        // which /dev/null's number may have been.
+        // SAFETY: plain system calls on fds of ours.
+        unsafe {
+            check(libc::dup2(devnull, 0))?;
+            check(libc::dup2(devnull, 1))?;
+        }
+        setup.apply()?;
+        // SAFETY: plain system calls on a constant string; a zeroed
+        // sigaction is SIG_DFL with an empty mask.
+        unsafe {
+            check(libc::chdir(c"/".as_ptr()))?;
+            // As std's Command: SIGPIPE (ignored by the daemon) back to
+            // the default, no signal blocked.
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGPIPE, &dfl, std::ptr::null_mut());
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            check(libc::sigprocmask(
+                libc::SIG_SETMASK,
+                &none,
+                std::ptr::null_mut(),
+            ))?;
+            libc::execve(exec.program, exec.argv.as_ptr(), exec.envp.as_ptr());
+        }
+        Err(io::Error::last_os_error())
+    })();
+    let errno = r.err().and_then(|e| e.raw_os_error()).unwrap_or(libc::EIO);
+    // SAFETY: writing 4 bytes of ours, then exiting without destructors.
+    unsafe {
+        libc::write(err, errno.to_ne_bytes().as_ptr().cast(), 4);
+        libc::_exit(127)
+    }
+}
+
 /// Which pid namespace the child is forked into.
 enum PidNs {
     Inherit,
@@ -402,9 +625,10 @@ enum PidNs {
 }
 
 /// Runs `spawn` (which forks) on a thread whose children land in `pid_ns`.
-async fn fork_with<F>(pid_ns: PidNs, spawn: F) -> Result<Child, SpawnError>
+async fn fork_with<F, T>(pid_ns: PidNs, spawn: F) -> Result<T, SpawnError>
 where
-    F: FnOnce() -> Result<Child, SpawnError> + Send + 'static,
+    F: FnOnce() -> Result<T, SpawnError> + Send + 'static,
+    T: Send + 'static,
 {
     let enter: Option<(RawFd, Arc<NsSet>)> = match &pid_ns {
         PidNs::Enter(ns) => ns.get(Kind::Pid).map(|fd| (fd, ns.clone())),
@@ -447,6 +671,7 @@ where
 
 /// Everything the forked child does before exec, prepared in the parent so
 /// that the child makes only async-signal-safe system calls.
+#[derive(Clone)]
 struct ChildSetup {
     /// The holder's spawn socket, moved to fd [`holder::SPAWN_FD`] last.
     spawn_fd: Option<RawFd>,

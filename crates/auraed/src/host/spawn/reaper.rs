@@ -59,6 +59,22 @@ pub fn spawn_owned(cmd: &mut Command) -> io::Result<Child> {
     Ok(child)
 }
 
+/// The registry's lock, taken before a fork made without [`spawn_owned`]
+/// (raw clone3): held until [`record_locked`] so the reaper cannot take
+/// the new child for an orphan. None while the reaper is off.
+pub fn lock_owned() -> Option<MutexGuard<'static, BTreeMap<i32, u64>>> {
+    ACTIVE
+        .load(std::sync::atomic::Ordering::Acquire)
+        .then(owned)
+}
+
+/// Records `pid` (just forked, not reaped) as owned by its own waiter.
+pub fn record_locked(guard: Option<MutexGuard<'static, BTreeMap<i32, u64>>>, pid: i32) {
+    if let (Some(mut table), Some((_, _, start))) = (guard, stat(pid)) {
+        table.insert(pid, start);
+    }
+}
+
 /// (state, ppid, start time) of a process.
 fn stat(pid: i32) -> Option<(char, i32, u64)> {
     crate::host::proc::stat(pid).map(|s| (s.state, s.ppid, s.start))

@@ -115,7 +115,18 @@ impl Cells {
             .unwrap_or_default();
         let mut holder = None;
         let mut dead = false;
-        if let Some(h) = &r.holder {
+        // A plain cell's holder only forks its shims (see `state.rs`): it
+        // holds no namespace of the cell, and without it the daemon starts
+        // the shims itself.
+        let forker_only = !r.spec.isolate_process && !r.spec.isolate_network;
+        if let Some(h) = r.holder.as_ref().filter(|_| forker_only) {
+            holder = Holder::adopt(h.pid, h.intermediate, h.socket.clone());
+            if holder.is_none() {
+                if let Some(p) = &h.socket {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        } else if let Some(h) = &r.holder {
             match Holder::adopt(h.pid, h.intermediate, h.socket.clone()) {
                 Some(h) => {
                     ns = Some(h.ns.clone());
