@@ -142,6 +142,12 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
 
+    /// Where the CRI streaming server (Exec, Attach, PortForward URLs)
+    /// listens: plain HTTP with SPDY upgrades, so loopback only by default;
+    /// port 0 picks a free port (the URLs name the bound one).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub cri_streaming_addr: std::net::SocketAddr,
+
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -24,6 +24,8 @@ const RUNTIME_API_VERSION: &str = "v1";
 pub struct RuntimeServiceImpl {
     cni_conf_dir: PathBuf,
     sandboxes: Arc<Sandboxes>,
+    /// Exec, Attach and PortForward (`streaming/`).
+    streaming: Option<Arc<super::streaming::StreamingRpcs>>,
 }
 
 impl RuntimeServiceImpl {
@@ -31,7 +33,19 @@ impl RuntimeServiceImpl {
         RuntimeServiceImpl {
             cni_conf_dir,
             sandboxes,
+            streaming: None,
         }
+    }
+
+    pub fn with_streaming(mut self, s: Arc<super::streaming::StreamingRpcs>) -> Self {
+        self.streaming = Some(s);
+        self
+    }
+
+    fn streaming(&self) -> Result<&super::streaming::StreamingRpcs, Status> {
+        self.streaming
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("the CRI streaming server is not running"))
     }
 }
 
@@ -348,6 +362,33 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(proto::ListContainerStatsResponse {
             stats: vec![],
         }))
+    }
+
+    async fn exec(
+        &self,
+        request: Request<proto::ExecRequest>,
+    ) -> Result<Response<proto::ExecResponse>, Status> {
+        Ok(Response::new(self.streaming()?.exec(request.into_inner())?))
+    }
+
+    async fn attach(
+        &self,
+        request: Request<proto::AttachRequest>,
+    ) -> Result<Response<proto::AttachResponse>, Status> {
+        // The log path comes from the container's record (None: the
+        // streaming layer finds it in the container's directory).
+        Ok(Response::new(
+            self.streaming()?.attach(request.into_inner(), None)?,
+        ))
+    }
+
+    async fn port_forward(
+        &self,
+        request: Request<proto::PortForwardRequest>,
+    ) -> Result<Response<proto::PortForwardResponse>, Status> {
+        Ok(Response::new(
+            self.streaming()?.port_forward(request.into_inner())?,
+        ))
     }
 
     async fn list_pod_sandbox_stats(

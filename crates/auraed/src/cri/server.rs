@@ -31,6 +31,8 @@ pub enum CriError {
     InUse(PathBuf),
     #[error("CRI pod sandboxes: {0}")]
     Sandboxes(#[from] super::sandbox::SandboxError),
+    #[error(transparent)]
+    Streaming(#[from] super::streaming::StreamingError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
 }
@@ -83,12 +85,18 @@ pub async fn start(
     ));
     let listener = bind(&settings.socket).await?;
     let socket = SocketFile(settings.socket.clone());
+    let streaming = super::streaming::Streaming::start(settings.streaming_addr, token.clone()).await?;
+    let streaming = Arc::new(super::streaming::StreamingRpcs::new(
+        streaming,
+        sandboxes.clone(),
+        settings.runtime_dir.clone(),
+    ));
     let router = tonic::transport::Server::builder()
         .layer(ExplainUnimplementedLayer)
-        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
-            settings.cni_conf_dir.clone(),
-            sandboxes,
-        )))
+        .add_service(RuntimeServiceServer::new(
+            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes)
+                .with_streaming(streaming),
+        ))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
     tracing::info!(
         "Kubernetes CRI serving on {} (plain gRPC; registry hosts from {})",
