@@ -539,15 +539,6 @@ impl Cells {
             .map(|c| Context::Cell(c.name.clone()))
     }
 
-    /// The pid of the live holder of the namespaces cell `name`'s processes
-    /// enter (its own or its nearest isolated ancestor's); None for a cell
-    /// in the host's namespaces, or one that is not ready or lost them.
-    pub fn holder_pid(&self, name: &CellName) -> Option<i32> {
-        let e = self.get_ready(name)?;
-        let h = e.ns_holders.last()?;
-        h.is_alive().then_some(h.pid.pid)
-    }
-
     /// Names of every cell (any state).
     pub fn names(&self) -> Vec<CellName> {
         self.table().keys().cloned().collect()
