@@ -33,6 +33,8 @@ pub enum CriError {
     Sandboxes(#[from] super::sandbox::SandboxError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
+    #[error("CRI containers: {0}")]
+    Containers(#[from] super::container::ContainerError),
 }
 
 /// Removes the socket file when the server stops.
@@ -73,10 +75,16 @@ pub async fn start(
     token: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CriError> {
     let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
-        cells,
+        cells.clone(),
         &settings.runtime_dir,
     )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
+    let containers = Arc::new(super::container::Containers::open(
+        cells,
+        sandboxes.clone(),
+        store.clone(),
+        &settings.runtime_dir,
+    )?);
     let puller = Arc::new(Puller::new(
         store,
         RegistryHosts::new(&settings.registry_config_dir),
@@ -88,6 +96,7 @@ pub async fn start(
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
             settings.cni_conf_dir.clone(),
             sandboxes,
+            containers,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
     tracing::info!(
