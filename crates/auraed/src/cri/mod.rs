@@ -8,6 +8,7 @@
 //! `auraed-cri` crate; `runtime.rs` is the RuntimeService (pods and
 //! containers on cells), `server.rs` binds the socket and serves both.
 
+pub mod container;
 mod runtime;
 pub mod sandbox;
 mod server;

@@ -35,6 +35,8 @@ pub enum CriError {
     Streaming(#[from] super::streaming::StreamingError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
+    #[error("CRI containers: {0}")]
+    Containers(#[from] super::container::ContainerError),
 }
 
 /// Removes the socket file when the server stops.
@@ -75,10 +77,16 @@ pub async fn start(
     token: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CriError> {
     let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
-        cells,
+        cells.clone(),
         &settings.runtime_dir,
     )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
+    let containers = Arc::new(super::container::Containers::open(
+        cells,
+        sandboxes.clone(),
+        store.clone(),
+        &settings.runtime_dir,
+    )?);
     let puller = Arc::new(Puller::new(
         store,
         RegistryHosts::new(&settings.registry_config_dir),
@@ -94,7 +102,7 @@ pub async fn start(
     let router = tonic::transport::Server::builder()
         .layer(ExplainUnimplementedLayer)
         .add_service(RuntimeServiceServer::new(
-            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes)
+            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes, containers)
                 .with_streaming(streaming),
         ))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
