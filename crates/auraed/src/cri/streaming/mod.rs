@@ -301,6 +301,24 @@ pub struct StreamingRpcs {
     runtime_dir: PathBuf,
 }
 
+/// The OCI runtime that created container `id` under `root`: runc keeps a
+/// `state.json` there, crun does not (the two read each other's state
+/// wrong, so exec must use the one the container layer chose).
+fn oci_runtime_of(root: &std::path::Path, id: &str) -> PathBuf {
+    let name = if root.join(id).join("state.json").is_file() {
+        "runc"
+    } else {
+        "crun"
+    };
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin"] {
+        let p = std::path::Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
 fn invalid(m: &str) -> tonic::Status {
     tonic::Status::invalid_argument(m.to_string())
 }
@@ -367,7 +385,7 @@ impl StreamingRpcs {
         self.require_container(&req.container_id)?;
         let url = self.server.url_for(Pending::Exec(ExecRequest {
             runner: Runner::Crun {
-                binary: PathBuf::from("crun"),
+                binary: oci_runtime_of(&self.crun_root(), &req.container_id),
                 root: self.crun_root(),
                 id: req.container_id,
             },

@@ -44,9 +44,7 @@ const LOG_POLL: Duration = Duration::from_millis(100);
 /// How an exec'd command is started.
 #[derive(Debug, Clone)]
 pub enum Runner {
-    /// In a container: `crun --root <root> exec [--tty --console-socket S]
-    /// <id> CMD…`; with a tty, crun hands the pty master over the console
-    /// socket.
+    /// In a container: `<crun|runc> --root <root> exec [--tty] <id> CMD…`.
     Crun {
         binary: PathBuf,
         root: PathBuf,
@@ -243,7 +241,7 @@ fn exit_code(s: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-fn command(req: &ExecRequest, console: Option<&Path>) -> Result<Command, String> {
+fn command(req: &ExecRequest, tty: bool) -> Result<Command, String> {
     let (program, rest) = req
         .cmd
         .split_first()
@@ -252,8 +250,8 @@ fn command(req: &ExecRequest, console: Option<&Path>) -> Result<Command, String>
         Runner::Crun { binary, root, id } => {
             let mut c = Command::new(binary);
             c.arg("--root").arg(root).arg("exec");
-            if let Some(sock) = console {
-                c.arg("--tty").arg("--console-socket").arg(sock);
+            if tty {
+                c.arg("--tty");
             }
             c.arg(id).arg(program).args(rest);
             c
@@ -297,7 +295,7 @@ async fn exec_pipes(
     s: &mut Streams,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    let mut c = match command(req, None) {
+    let mut c = match command(req, false) {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(e),
     };
@@ -396,102 +394,37 @@ async fn resizes(mut from: StreamReader, master: OwnedFd) {
     }
 }
 
-/// A pty master for `req`'s command and the running command: crun hands
-/// its master over a console socket; on the host a fresh pty's slave
-/// becomes the controlling terminal of the command.
+/// A pty master for `req`'s command and the running command: the pty's
+/// slave becomes the controlling terminal (and stdio) of what is started.
+/// For a container that is `crun|runc exec --tty` in the foreground: the
+/// runtime makes a terminal in the container and relays between it and
+/// ours, and passes our size on when we resize (SIGWINCH). (With
+/// `--console-socket` instead, runc insists on `--detach`, and then nobody
+/// can wait for the exit code.)
 async fn spawn_tty(req: &ExecRequest) -> Result<(OwnedFd, tokio::process::Child), String> {
-    match &req.runner {
-        Runner::Host => {
-            let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-            let mut c = command(req, None)?;
-            let dup = |fd: &OwnedFd| -> Result<Stdio, String> {
-                Ok(Stdio::from(fd.try_clone().map_err(|e| format!("dup: {e}"))?))
-            };
-            c.stdin(dup(&pty.slave)?)
-                .stdout(dup(&pty.slave)?)
-                .stderr(dup(&pty.slave)?);
-            // SAFETY: setsid and ioctl are async-signal-safe; nothing is
-            // allocated between fork and exec.
-            unsafe {
-                c.pre_exec(|| {
-                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    let mut c = command(req, matches!(req.runner, Runner::Crun { .. }))?;
+    let dup = |fd: &OwnedFd| -> Result<Stdio, String> {
+        Ok(Stdio::from(fd.try_clone().map_err(|e| format!("dup: {e}"))?))
+    };
+    c.stdin(dup(&pty.slave)?)
+        .stdout(dup(&pty.slave)?)
+        .stderr(dup(&pty.slave)?);
+    // SAFETY: setsid and ioctl are async-signal-safe; nothing is allocated
+    // between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            let child = c
-                .spawn()
-                .map_err(|e| format!("starting {:?}: {e}", req.cmd[0]))?;
-            drop(pty.slave);
-            Ok((pty.master, child))
-        }
-        Runner::Crun { .. } => {
-            let dir = std::env::temp_dir().join(format!(
-                "aurae-console-{}",
-                super::token().map_err(|e| e.to_string())?
-            ));
-            std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let sock = dir.join("sock");
-            let r = async {
-                let listener = tokio::net::UnixListener::bind(&sock)
-                    .map_err(|e| format!("console socket {}: {e}", sock.display()))?;
-                let mut c = command(req, Some(&sock))?;
-                c.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                let mut child = c.spawn().map_err(|e| format!("starting crun: {e}"))?;
-                let accepted = tokio::select! {
-                    a = tokio::time::timeout(Duration::from_secs(30), listener.accept()) => a,
-                    st = child.wait() => {
-                        let mut err = String::new();
-                        if let Some(mut e) = child.stderr.take() {
-                            let _ = e.read_to_string(&mut err).await;
-                        }
-                        return Err(format!("crun exec ended ({st:?}) before handing over its terminal: {}", err.trim()));
-                    }
-                };
-                let (conn, _) = accepted
-                    .map_err(|_| "crun did not hand over its terminal".to_string())?
-                    .map_err(|e| format!("console socket: {e}"))?;
-                let std = conn.into_std().map_err(|e| e.to_string())?;
-                std.set_nonblocking(false).map_err(|e| e.to_string())?;
-                let master = tokio::task::spawn_blocking(move || receive_fd(&std))
-                    .await
-                    .map_err(|e| e.to_string())??;
-                Ok((master, child))
-            }
-            .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            r
-        }
+            Ok(())
+        });
     }
-}
-
-/// Receives one fd sent with SCM_RIGHTS (crun's console socket protocol).
-fn receive_fd(sock: &std::os::unix::net::UnixStream) -> Result<OwnedFd, String> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::FromRawFd;
-    let mut buf = [0u8; 4096];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(|e| format!("console socket: {e}"))?;
-    for c in msg.cmsgs().map_err(|e| format!("console socket: {e}"))? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel just installed this fd in our table
-                // for us; nothing else owns it.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    Err("console socket: no terminal fd received".into())
+    let child = c
+        .spawn()
+        .map_err(|e| format!("starting {:?}: {e}", req.cmd[0]))?;
+    drop(pty.slave);
+    Ok((pty.master, child))
 }
 
 async fn exec_tty(

@@ -308,3 +308,62 @@ async fn client_go_interoperates() {
     assert!(out.contains("ERR=<nil>"), "{out}");
     stop.cancel();
 }
+
+/// Exec in a real container: `AURAE_TEST_CONTAINER=<binary>:<root>:<id>`
+/// names one (crun or runc, its state root and the container id).
+#[tokio::test]
+async fn exec_in_a_container() {
+    let Ok(spec) = std::env::var("AURAE_TEST_CONTAINER") else {
+        eprintln!("AURAE_TEST_CONTAINER not set: skipped");
+        return;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(bin), Some(root), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        panic!("AURAE_TEST_CONTAINER: <binary>:<root>:<id>");
+    };
+    let runner = Runner::Crun {
+        binary: bin.into(),
+        root: root.into(),
+        id: id.into(),
+    };
+    let (s, stop) = server().await;
+    for tty in [false, true] {
+        let url = s
+            .url_for(Pending::Exec(ExecRequest {
+                runner: runner.clone(),
+                cmd: vec!["sh".into(), "-c".into(), "read x; echo hello $x; if test -t 1; then stty size; fi".into()],
+                tty,
+                stdin: true,
+                stdout: true,
+                stderr: !tty,
+            }))
+            .expect("url");
+        let (code, head, conn) = upgrade(&url, "v4.channel.k8s.io").await;
+        assert_eq!(code, 101, "{head}");
+        let mut conn = conn.expect("conn");
+        let mut error = conn.open(h("error")).await.expect("error");
+        let stdin = conn.open(h("stdin")).await.expect("stdin");
+        let mut stdout = conn.open(h("stdout")).await.expect("stdout");
+        let _stderr_or_resize = if tty {
+            let r = conn.open(h("resize")).await.expect("resize");
+            r.writer
+                .write(br#"{"Width":90,"Height":20}"#)
+                .await
+                .expect("resize");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            r
+        } else {
+            conn.open(h("stderr")).await.expect("stderr")
+        };
+        let _ = stdin.writer.write(b"there\n").await;
+        let out = String::from_utf8_lossy(&read_all(&mut stdout.reader).await).into_owned();
+        let err = String::from_utf8_lossy(&read_all(&mut error.reader).await).into_owned();
+        eprintln!("tty={tty}: out={out:?} error={err:?}");
+        assert!(out.contains("hello there"), "{out:?} {err}");
+        if tty {
+            assert!(out.contains("20 90"), "{out:?}");
+        }
+        assert_eq!(err, r#"{"metadata":{},"status":"Success"}"#);
+    }
+    stop.cancel();
+}
