@@ -156,7 +156,9 @@ async fn upgrade(url: &str, protocol: &str) -> (u16, Option<spdy::Connection>) {
         assert_eq!(tcp.read(&mut b).await.expect("read"), 1, "response ended");
         head.push(b[0]);
     }
-    let code: u16 = String::from_utf8_lossy(&head[9..12]).parse().expect("status");
+    let code: u16 = String::from_utf8_lossy(&head[9..12])
+        .parse()
+        .expect("status");
     (code, (code == 101).then(|| spdy::Connection::client(tcp)))
 }
 

@@ -93,7 +93,8 @@ pub async fn start(
     ));
     let listener = bind(&settings.socket).await?;
     let socket = SocketFile(settings.socket.clone());
-    let streaming = super::streaming::Streaming::start(settings.streaming_addr, token.clone()).await?;
+    let streaming =
+        super::streaming::Streaming::start(settings.streaming_addr, token.clone()).await?;
     let streaming = Arc::new(super::streaming::StreamingRpcs::new(
         streaming,
         sandboxes.clone(),

@@ -310,7 +310,13 @@ fn oci_runtime_of(root: &std::path::Path, id: &str) -> PathBuf {
     } else {
         "crun"
     };
-    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin"] {
+    for dir in [
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/bin",
+    ] {
         let p = std::path::Path::new(dir).join(name);
         if p.is_file() {
             return p;
@@ -324,7 +330,12 @@ fn invalid(m: &str) -> tonic::Status {
 }
 
 /// kubelet's `validateExecRequest` / `validateAttachRequest`.
-fn validate_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), tonic::Status> {
+fn validate_streams(
+    tty: bool,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+) -> Result<(), tonic::Status> {
     if tty && stderr {
         return Err(invalid("tty and stderr cannot both be true"));
     }

@@ -105,8 +105,9 @@ pub async fn connect_in(netns: Option<&Path>, port: u16) -> Result<tokio::net::T
         .spawn(move || {
             let r = (|| -> Result<std::net::TcpStream, String> {
                 if let Some(ns) = &netns {
-                    let f = std::fs::File::open(ns)
-                        .map_err(|e| format!("the pod's network namespace {}: {e}", ns.display()))?;
+                    let f = std::fs::File::open(ns).map_err(|e| {
+                        format!("the pod's network namespace {}: {e}", ns.display())
+                    })?;
                     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                         format!("entering the pod's network namespace {}: {e}", ns.display())
                     })?;
@@ -129,12 +130,9 @@ pub async fn connect_in(netns: Option<&Path>, port: u16) -> Result<tokio::net::T
 async fn forward(error: Stream, mut data: Stream, req: PortForwardRequest) {
     let r = async {
         let port = port_of(&data)?;
-        let tcp = connect_in(req.netns.as_deref(), port).await.map_err(|e| {
-            format!(
-                "error forwarding port {port} to pod {}: {e}",
-                req.sandbox
-            )
-        })?;
+        let tcp = connect_in(req.netns.as_deref(), port)
+            .await
+            .map_err(|e| format!("error forwarding port {port} to pod {}: {e}", req.sandbox))?;
         let (mut rd, mut wr) = tcp.into_split();
         let mut reader = data.reader.take();
         let writer = data.writer.clone();

@@ -88,9 +88,13 @@ struct Streams {
 impl Streams {
     /// FIN on every stream this side writes.
     async fn close(&self) {
-        for s in [Some(&self.error), self.stdout.as_ref(), self.stderr.as_ref()]
-            .into_iter()
-            .flatten()
+        for s in [
+            Some(&self.error),
+            self.stdout.as_ref(),
+            self.stderr.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = s.writer.close().await;
         }
@@ -272,15 +276,18 @@ pub async fn serve_exec(
     req: ExecRequest,
     shutdown: CancellationToken,
 ) {
-    let mut streams =
-        match collect(&mut conn, protocol, req.tty, req.stdin, req.stdout, req.stderr).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!("exec: {e}");
-                conn.close().await;
-                return;
-            }
-        };
+    let mut streams = match collect(
+        &mut conn, protocol, req.tty, req.stdin, req.stdout, req.stderr,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("exec: {e}");
+            conn.close().await;
+            return;
+        }
+    };
     let outcome = if req.tty {
         exec_tty(&conn, &req, &mut streams, &shutdown).await
     } else {
@@ -362,10 +369,7 @@ fn set_winsize(fd: &OwnedFd, width: u16, height: u16) {
     // through the call; the fd is owned and open.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if r != 0 {
-        tracing::debug!(
-            "exec: TIOCSWINSZ: {}",
-            std::io::Error::last_os_error()
-        );
+        tracing::debug!("exec: TIOCSWINSZ: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -405,7 +409,9 @@ async fn spawn_tty(req: &ExecRequest) -> Result<(OwnedFd, tokio::process::Child)
     let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
     let mut c = command(req, matches!(req.runner, Runner::Crun { .. }))?;
     let dup = |fd: &OwnedFd| -> Result<Stdio, String> {
-        Ok(Stdio::from(fd.try_clone().map_err(|e| format!("dup: {e}"))?))
+        Ok(Stdio::from(
+            fd.try_clone().map_err(|e| format!("dup: {e}"))?,
+        ))
     };
     c.stdin(dup(&pty.slave)?)
         .stdout(dup(&pty.slave)?)
@@ -512,15 +518,18 @@ pub async fn serve_attach(
     req: AttachRequest,
     shutdown: CancellationToken,
 ) {
-    let mut streams =
-        match collect(&mut conn, protocol, req.tty, req.stdin, req.stdout, req.stderr).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!("attach: {e}");
-                conn.close().await;
-                return;
-            }
-        };
+    let mut streams = match collect(
+        &mut conn, protocol, req.tty, req.stdin, req.stdout, req.stderr,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("attach: {e}");
+            conn.close().await;
+            return;
+        }
+    };
     let outcome = attach(&conn, &req, &mut streams, &shutdown).await;
     finish(conn, streams, protocol, &[], outcome).await;
 }
@@ -584,9 +593,7 @@ async fn attach(
                     ))
                 }
             },
-            None => {
-                return Outcome::Failed("the container was not created with stdin".into())
-            }
+            None => return Outcome::Failed("the container was not created with stdin".into()),
         }
     }
     let mut partial = Vec::new();
@@ -676,10 +683,9 @@ mod tests {
             Some(r#"{"metadata":{},"status":"Success"}"#)
         );
         assert_eq!(status_message(V3, &cmd, &Outcome::Exited(0)), None);
-        let v: serde_json::Value = serde_json::from_str(
-            &status_message(V4, &cmd, &Outcome::Exited(3)).expect("a status"),
-        )
-        .expect("json");
+        let v: serde_json::Value =
+            serde_json::from_str(&status_message(V4, &cmd, &Outcome::Exited(3)).expect("a status"))
+                .expect("json");
         assert_eq!(v["status"], "Failure");
         assert_eq!(v["reason"], "NonZeroExitCode");
         assert_eq!(v["details"]["causes"][0]["reason"], "ExitCode");

@@ -660,16 +660,12 @@ impl Connection {
         let _ = self.tx.send(Out::Close).await;
         // The writer stops the reader once it has flushed; wait a bounded
         // time so a stuck peer cannot hold the task.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.stopped.cancelled())
-            .await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.stopped.cancelled()).await;
     }
 }
 
-async fn write_loop<W: AsyncWrite>(
-    wr: W,
-    mut rx: mpsc::Receiver<Out>,
-    stopped: CancellationToken,
-) {
+async fn write_loop<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Out>, stopped: CancellationToken) {
     tokio::pin!(wr);
     let mut enc = Encoder::new();
     let mut buf = BytesMut::with_capacity(MAX_DATA_CHUNK + 64);
@@ -802,10 +798,7 @@ async fn read_loop<R: AsyncRead>(
                         },
                     };
                     if incoming.send(stream).await.is_err() {
-                        routes
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id);
+                        routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                         send(Frame::RstStream {
                             id,
                             status: REFUSED_STREAM,
@@ -828,10 +821,7 @@ async fn read_loop<R: AsyncRead>(
                                 // The consumer is gone: drop the bytes.
                             }
                             if flags & FLAG_FIN != 0 {
-                                routes
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .remove(&id);
+                                routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                             }
                         }
                         None => {
@@ -845,18 +835,11 @@ async fn read_loop<R: AsyncRead>(
                 }
                 Frame::SynReply { id, flags, .. } | Frame::Headers { id, flags, .. } => {
                     if flags & FLAG_FIN != 0 {
-                        routes
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id);
+                        routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     }
                 }
                 Frame::RstStream { id, .. } => {
-                    if let Some(r) = routes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id)
-                    {
+                    if let Some(r) = routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
                         r.reset.store(true, Ordering::Relaxed);
                     }
                 }
@@ -965,7 +948,10 @@ mod tests {
     fn decodes_a_frame_written_by_spdystream() {
         let bytes = include_bytes!("testdata/go_syn_stream.bin");
         let mut buf = BytesMut::from(&bytes[..]);
-        let f = Decoder::new().decode(&mut buf).expect("decode").expect("a frame");
+        let f = Decoder::new()
+            .decode(&mut buf)
+            .expect("decode")
+            .expect("a frame");
         let Frame::SynStream { id, headers, .. } = f else {
             panic!("not a SYN_STREAM: {f:?}");
         };
@@ -1006,10 +992,7 @@ mod tests {
         s.writer.close().await.expect("fin");
         let mut peer = server.incoming.recv().await.expect("a stream");
         assert_eq!(peer.header("streamType"), Some("stdout"));
-        assert_eq!(
-            peer.reader.read().await.as_deref(),
-            Some(&b"ping?"[..])
-        );
+        assert_eq!(peer.reader.read().await.as_deref(), Some(&b"ping?"[..]));
         assert_eq!(peer.reader.read().await, None);
         peer.writer.write(b"pong").await.expect("write");
         peer.writer.close().await.expect("fin");

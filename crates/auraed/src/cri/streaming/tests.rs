@@ -37,7 +37,12 @@ async fn upgrade(url: &str, protocols: &str) -> (u16, String, Option<spdy::Conne
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = tcp.read(&mut b).await.expect("read");
-        assert_eq!(n, 1, "response ended early: {}", String::from_utf8_lossy(&head));
+        assert_eq!(
+            n,
+            1,
+            "response ended early: {}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8(head).expect("utf8");
@@ -84,7 +89,9 @@ async fn exec_without_tty_streams_output_and_the_exit_code() {
         .expect("url");
     let (code, head, conn) = upgrade(&url, "v5.channel.k8s.io, v4.channel.k8s.io").await;
     assert_eq!(code, 101, "{head}");
-    assert!(head.to_ascii_lowercase().contains("x-stream-protocol-version: v4.channel.k8s.io"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("x-stream-protocol-version: v4.channel.k8s.io"));
     let mut conn = conn.expect("conn");
     let mut error = conn.open(h("error")).await.expect("error");
     let stdin = conn.open(h("stdin")).await.expect("stdin");
@@ -107,7 +114,11 @@ async fn exec_with_tty_runs_on_a_terminal_and_resizes_it() {
     let (s, stop) = server().await;
     let url = s
         .url_for(host_exec(
-            &["sh", "-c", "test -t 0 && read x && stty size && echo tty $x"],
+            &[
+                "sh",
+                "-c",
+                "test -t 0 && read x && stty size && echo tty $x",
+            ],
             true,
             true,
         ))
@@ -140,7 +151,9 @@ async fn exec_with_tty_runs_on_a_terminal_and_resizes_it() {
 #[tokio::test]
 async fn portforward_copies_both_ways_and_reports_dial_errors() {
     let (s, stop) = server().await;
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = echo.local_addr().expect("addr").port();
     tokio::spawn(async move {
         let (mut c, _) = echo.accept().await.expect("accept");
@@ -280,7 +293,11 @@ async fn client_go_interoperates() {
         })
     };
     let url = s
-        .url_for(host_exec(&["sh", "-c", "echo hello; echo oops >&2"], false, false))
+        .url_for(host_exec(
+            &["sh", "-c", "echo hello; echo oops >&2"],
+            false,
+            false,
+        ))
         .expect("url");
     let out = run(vec![url]).await.expect("join");
     assert!(out.contains("STDOUT=\"hello\\n\""), "{out}");
@@ -292,7 +309,11 @@ async fn client_go_interoperates() {
     let out = run(vec![url]).await.expect("join");
     assert!(out.contains("exit code 7"), "{out}");
     let url = s
-        .url_for(host_exec(&["sh", "-c", "read x; echo hello $x"], true, true))
+        .url_for(host_exec(
+            &["sh", "-c", "read x; echo hello $x"],
+            true,
+            true,
+        ))
         .expect("url");
     let out = run(vec![
         "-tty".into(),
@@ -331,7 +352,11 @@ async fn exec_in_a_container() {
         let url = s
             .url_for(Pending::Exec(ExecRequest {
                 runner: runner.clone(),
-                cmd: vec!["sh".into(), "-c".into(), "read x; echo hello $x; if test -t 1; then stty size; fi".into()],
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read x; echo hello $x; if test -t 1; then stty size; fi".into(),
+                ],
                 tty,
                 stdin: true,
                 stdout: true,
