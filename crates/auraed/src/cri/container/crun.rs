@@ -60,7 +60,7 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// What the monitor needs (written by the daemon to `monitor.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MonitorConfig {
-    pub crun: PathBuf,
+    pub runtime: Runtime,
     pub root: PathBuf,
     pub id: String,
     pub bundle: PathBuf,
@@ -77,6 +77,9 @@ pub struct ExitRecord {
     pub exit_code: i32,
     /// ns since the epoch.
     pub finished_at: i64,
+    /// The kernel's OOM killer killed something in the container's cgroup.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 pub fn now_ns() -> i64 {
@@ -86,30 +89,77 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// The crun binary: `crun` on PATH (Debian's /usr/bin/crun), else runc,
-/// whose command line is the same for what we use.
-pub fn find_runtime() -> PathBuf {
-    for name in ["crun", "runc"] {
-        for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin"] {
-            let p = Path::new(dir).join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    PathBuf::from("crun")
+/// The low-level runtime: crun, or runc where crun cannot run (crun 1.8
+/// refuses cgroup v1/v2 hybrid hosts whose v2 tree has controllers, even
+/// with `--cgroup-manager=disabled`: "cgroups in hybrid mode not
+/// supported"). Both take the same commands (`create`, `start`, `kill`,
+/// `exec`, `delete`) and state root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Runtime {
+    pub path: PathBuf,
+    pub runc: bool,
 }
 
-/// `crun --root <root> --cgroup-manager=disabled <args>`.
-pub fn command(crun: &Path, root: &Path, log: Option<&Path>) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(crun);
-    c.arg("--root").arg(root);
-    if let Some(l) = log {
-        c.arg("--log").arg(format!("file:{}", l.display()));
+fn find(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin", "/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// A hybrid host whose v2 tree holds controllers (crun's refusal).
+fn hybrid_with_v2_controllers() -> bool {
+    let unified = Path::new("/sys/fs/cgroup/unified/cgroup.controllers");
+    std::fs::read_to_string(unified).is_ok_and(|c| !c.trim().is_empty())
+}
+
+impl Runtime {
+    pub fn detect() -> Runtime {
+        let crun = find("crun");
+        let runc = find("runc");
+        match (crun, runc) {
+            (Some(c), Some(r)) => {
+                if hybrid_with_v2_controllers() {
+                    Runtime { path: r, runc: true }
+                } else {
+                    Runtime { path: c, runc: false }
+                }
+            }
+            (Some(c), None) => Runtime { path: c, runc: false },
+            (None, Some(r)) => Runtime { path: r, runc: true },
+            (None, None) => Runtime {
+                path: PathBuf::from("crun"),
+                runc: false,
+            },
+        }
     }
-    c.arg("--cgroup-manager=disabled");
-    c.stdin(Stdio::null());
-    c
+
+    /// `--root <root> [--log <file>]` and, for crun, no cgroup management
+    /// (the monitor already put it in the container's cell). runc has no
+    /// such switch: it makes a cgroup named by the container id below its
+    /// own (the cell's), which `delete` removes.
+    pub fn global_args(&self, root: &Path, log: Option<&Path>) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["--root".into(), root.into()];
+        if let Some(l) = log {
+            a.push("--log".into());
+            if self.runc {
+                a.push(l.into());
+            } else {
+                a.push(format!("file:{}", l.display()).into());
+            }
+        }
+        if !self.runc {
+            a.push("--cgroup-manager=disabled".into());
+        }
+        a
+    }
+
+    pub fn command(&self, root: &Path, log: Option<&Path>) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(&self.path);
+        c.args(self.global_args(root, log));
+        c.stdin(Stdio::null());
+        c
+    }
 }
 
 pub fn read_exit(dir: &Path) -> Option<ExitRecord> {
@@ -203,12 +253,8 @@ fn run_monitor(dir: &Path, status: &mut Option<File>) -> io::Result<()> {
     let procs_fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let pid_file = dir.join("init.pid");
     let _ = std::fs::remove_file(&pid_file);
-    let mut cmd = Command::new(&cfg.crun);
-    cmd.arg("--root")
-        .arg(&cfg.root)
-        .arg("--log")
-        .arg(format!("file:{}", dir.join(CRUN_LOG).display()))
-        .arg("--cgroup-manager=disabled")
+    let mut cmd = Command::new(&cfg.runtime.path);
+    cmd.args(cfg.runtime.global_args(&cfg.root, Some(&dir.join(CRUN_LOG))))
         .arg("create")
         .arg("--bundle")
         .arg(&cfg.bundle)
@@ -236,7 +282,8 @@ fn run_monitor(dir: &Path, status: &mut Option<File>) -> io::Result<()> {
     if !st.success() {
         let why = std::fs::read_to_string(dir.join(CRUN_LOG)).unwrap_or_default();
         return Err(io::Error::other(format!(
-            "crun create: {st}: {}",
+            "{} create: {st}: {}",
+            cfg.runtime.path.display(),
             why.lines().last().unwrap_or("").trim()
         )));
     }
@@ -257,12 +304,39 @@ fn run_monitor(dir: &Path, status: &mut Option<File>) -> io::Result<()> {
     let rec = ExitRecord {
         exit_code,
         finished_at: now_ns(),
+        oom_killed: oom_kills(&cfg.procs_files, &cfg.id) > 0,
     };
     write_atomic(
         dir,
         EXIT_FILE,
         &serde_json::to_vec(&rec).map_err(io::Error::other)?,
     )
+}
+
+/// OOM kills in the container's cgroups: the cell's (crun, and the v2
+/// `events` count descendants) and runc's child named by the id (on v1 the
+/// count stays in the cgroup where the kill happened).
+pub fn oom_kills(procs_files: &[PathBuf], id: &str) -> u64 {
+    let mut n = 0;
+    for p in procs_files {
+        let Some(dir) = p.parent() else { continue };
+        let dir = if dir.file_name().is_some_and(|f| f == "_exec") {
+            dir.parent().unwrap_or(dir)
+        } else {
+            dir
+        };
+        for d in [dir.to_path_buf(), dir.join(id)] {
+            for f in ["memory.oom_control", "memory.events"] {
+                let text = std::fs::read_to_string(d.join(f)).unwrap_or_default();
+                for l in text.lines() {
+                    if let Some(v) = l.strip_prefix("oom_kill ") {
+                        n = n.max(v.trim().parse().unwrap_or(0));
+                    }
+                }
+            }
+        }
+    }
+    n
 }
 
 /// Copies output to the log until both pipes end (or a while after the init

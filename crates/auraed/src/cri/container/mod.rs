@@ -181,7 +181,7 @@ pub struct Containers {
     runtime_dir: PathBuf,
     dir: PathBuf,
     crun_root: PathBuf,
-    crun: PathBuf,
+    crun: crun::Runtime,
     table: Mutex<HashMap<String, Record>>,
     /// Serializes Create/Remove (names must stay unique; cells allocate).
     ops: tokio::sync::Mutex<()>,
@@ -245,10 +245,20 @@ impl Containers {
             runtime_dir: runtime_dir.to_owned(),
             dir,
             crun_root,
-            crun: crun::find_runtime(),
+            crun: crun::Runtime::detect(),
             table: Mutex::new(table),
             ops: tokio::sync::Mutex::new(()),
         };
+        // Exec/attach (the streaming side) must drive the same runtime.
+        let _ = std::fs::write(
+            runtime_dir.join("cri/oci-runtime"),
+            format!("{}\n", c.crun.path.display()),
+        );
+        tracing::info!(
+            "CRI containers run with {} (state in {})",
+            c.crun.path.display(),
+            c.crun_root.display()
+        );
         let ids: Vec<String> = c.table().keys().cloned().collect();
         for id in ids {
             c.refresh(&id);
@@ -298,10 +308,13 @@ impl Containers {
                 crun::read_exit(&dir).unwrap_or(crun::ExitRecord {
                     exit_code: 255,
                     finished_at: crun::now_ns(),
+                    oom_killed: false,
                 })
             })
         });
-        let e = exit?;
+        let Some(e) = exit else {
+            return Some(r); // still created or running
+        };
         r.state = State::Exited;
         r.exit_code = e.exit_code;
         r.finished_at = e.finished_at;
@@ -312,7 +325,7 @@ impl Containers {
             .ok()
             .and_then(|s| s.oom_kills)
             .unwrap_or(0);
-        r.reason = if oom > 0 && e.exit_code != 0 {
+        r.reason = if (oom > 0 || e.oom_killed) && e.exit_code != 0 {
             "OOMKilled".into()
         } else if e.exit_code == 0 {
             "Completed".into()
@@ -516,7 +529,7 @@ impl Containers {
         }
         let log_path = log_path(&sandbox_config.log_directory, &config.log_path);
         let mcfg = crun::MonitorConfig {
-            crun: self.crun.clone(),
+            runtime: self.crun.clone(),
             root: self.crun_root.clone(),
             id: id.to_owned(),
             bundle: dir.to_owned(),
@@ -591,7 +604,7 @@ impl Containers {
     }
 
     async fn crun_delete(&self, id: &str) {
-        let out = crun::command(&self.crun, &self.crun_root, None)
+        let out = self.crun.command(&self.crun_root, None)
             .args(["delete", "--force", id])
             .output()
             .await;
@@ -630,7 +643,7 @@ impl Containers {
                 )))
             }
         }
-        let out = crun::command(&self.crun, &self.crun_root, None)
+        let out = self.crun.command(&self.crun_root, None)
             .args(["start", &r.id])
             .output()
             .await
@@ -656,7 +669,7 @@ impl Containers {
     }
 
     async fn kill(&self, r: &Record, signal: &str) {
-        let _ = crun::command(&self.crun, &self.crun_root, None)
+        let _ = self.crun.command(&self.crun_root, None)
             .args(["kill", &r.id, signal])
             .output()
             .await;
@@ -746,6 +759,9 @@ impl Containers {
     pub async fn stop_sandbox(&self, sandbox_id: &str) -> Result<(), ContainerError> {
         for id in self.in_sandbox(sandbox_id) {
             self.stop(&id, 0).await?;
+            // runc's cgroup below the container's cell must go before the
+            // sandbox cell is freed; the record keeps the status.
+            self.crun_delete(&id).await;
         }
         Ok(())
     }
@@ -786,7 +802,7 @@ impl Containers {
             .filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
             .collect();
         let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-        let mut c = crun::command(&self.crun, &self.crun_root, None);
+        let mut c = self.crun.command(&self.crun_root, None);
         c.arg("exec")
             .arg("--pid-file")
             .arg(&pid_file)
