@@ -601,15 +601,9 @@ impl RuntimeService for RuntimeServiceImpl {
                 r.id
             )));
         }
-        if r.log_path.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "container {} has no log to attach to",
-                r.id
-            )));
-        }
         req.container_id = r.id;
-        let log = PathBuf::from(r.log_path);
-        Ok(Response::new(self.streaming()?.attach(req, Some(log))?))
+        let log = (!r.log_path.is_empty()).then(|| PathBuf::from(r.log_path));
+        Ok(Response::new(self.streaming()?.attach(req, log)?))
     }
 
     async fn port_forward(

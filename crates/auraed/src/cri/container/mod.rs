@@ -533,7 +533,11 @@ impl Containers {
             root: self.crun_root.clone(),
             id: id.to_owned(),
             bundle: dir.to_owned(),
-            log_path: log_path.clone(),
+            // Without a log of kubelet's, output goes to one of ours that
+            // Attach follows (cri/streaming).
+            log_path: log_path
+                .clone()
+                .or_else(|| Some(dir.join(crate::cri::streaming::OUTPUT_LOG))),
             procs_files: self.cells.backend().procs_files(&components(cell)),
             stdin: config.stdin,
         };

@@ -46,6 +46,10 @@ const MAX_IN_FLIGHT: usize = 1000;
 /// How long a connection may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The CRI-format log of a container that kubelet gave no log path (in
+/// its directory `<runtime-dir>/cri/containers/<id>/`): Attach follows it.
+pub const OUTPUT_LOG: &str = "output.log";
+
 pub const HEADER_PROTOCOL: &str = "x-stream-protocol-version";
 const HEADER_ACCEPTED: &str = "x-accepted-stream-protocol-versions";
 const SPDY_31: &str = "SPDY/3.1";
@@ -369,6 +373,22 @@ impl StreamingRpcs {
         self.runtime_dir.join("cri/containers").join(id)
     }
 
+    /// The container's `cgroup.procs` files, from the monitor's
+    /// configuration the container layer wrote (none if unreadable: the
+    /// exec then stays in the runtime's cgroup).
+    fn procs_files(&self, id: &str) -> Vec<PathBuf> {
+        #[derive(serde::Deserialize)]
+        struct Monitor {
+            #[serde(default)]
+            procs_files: Vec<PathBuf>,
+        }
+        std::fs::read(self.container_dir(id).join("monitor.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Monitor>(&b).ok())
+            .map(|m| m.procs_files)
+            .unwrap_or_default()
+    }
+
     fn require_container(&self, id: &str) -> Result<(), tonic::Status> {
         if id.trim().is_empty() {
             return Err(invalid("container_id: an id is required"));
@@ -398,6 +418,7 @@ impl StreamingRpcs {
             runner: Runner::Crun {
                 binary: oci_runtime_of(&self.crun_root(), &req.container_id),
                 root: self.crun_root(),
+                procs_files: self.procs_files(&req.container_id),
                 id: req.container_id,
             },
             cmd: req.cmd,
@@ -410,8 +431,8 @@ impl StreamingRpcs {
     }
 
     /// `log_path`: the container's CRI log (ContainerStatus.log_path);
-    /// None: the one the container's directory names (`log_path`, a file
-    /// holding the path).
+    /// None: kubelet gave it none, and its output goes to
+    /// [`OUTPUT_LOG`] in the container's directory.
     pub fn attach(
         &self,
         req: auraed_cri::proto::AttachRequest,
@@ -419,17 +440,8 @@ impl StreamingRpcs {
     ) -> Result<auraed_cri::proto::AttachResponse, tonic::Status> {
         validate_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
         self.require_container(&req.container_id)?;
-        let log_path = match log_path {
-            Some(p) => p,
-            None => std::fs::read_to_string(self.container_dir(&req.container_id).join("log_path"))
-                .map(|s| PathBuf::from(s.trim()))
-                .map_err(|_| {
-                    tonic::Status::failed_precondition(format!(
-                        "container {:?} has no log to attach to",
-                        req.container_id
-                    ))
-                })?,
-        };
+        let log_path = log_path
+            .unwrap_or_else(|| self.container_dir(&req.container_id).join(OUTPUT_LOG));
         let fifo = self.container_dir(&req.container_id).join("stdin");
         if req.stdin && !fifo.exists() {
             return Err(tonic::Status::failed_precondition(format!(

@@ -49,6 +49,10 @@ pub enum Runner {
         binary: PathBuf,
         root: PathBuf,
         id: String,
+        /// `cgroup.procs` of the container's cgroups: the runtime joins
+        /// them before it execs, so what runs is counted with the
+        /// container (as ExecSync does).
+        procs_files: Vec<PathBuf>,
     },
     /// On the host, as the daemon (tests of the protocol).
     Host,
@@ -251,13 +255,32 @@ fn command(req: &ExecRequest, tty: bool) -> Result<Command, String> {
         .split_first()
         .ok_or_else(|| "cmd: a command is required".to_string())?;
     let mut c = match &req.runner {
-        Runner::Crun { binary, root, id } => {
+        Runner::Crun {
+            binary,
+            root,
+            id,
+            procs_files,
+        } => {
             let mut c = Command::new(binary);
             c.arg("--root").arg(root).arg("exec");
             if tty {
                 c.arg("--tty");
             }
             c.arg(id).arg(program).args(rest);
+            let files: Vec<std::fs::File> = procs_files
+                .iter()
+                .filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
+                .collect();
+            // SAFETY: only write(2) on fds opened before the fork (moved
+            // into the closure, so they stay open until exec).
+            unsafe {
+                c.pre_exec(move || {
+                    for f in &files {
+                        libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                    }
+                    Ok(())
+                });
+            }
             c
         }
         Runner::Host => {

@@ -346,6 +346,7 @@ async fn exec_in_a_container() {
         binary: bin.into(),
         root: root.into(),
         id: id.into(),
+        procs_files: vec![],
     };
     let (s, stop) = server().await;
     for tty in [false, true] {
