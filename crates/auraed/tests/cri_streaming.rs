@@ -2,22 +2,227 @@
 //! PortForward answer with single-use URLs of it, and PortForward reaches
 //! a port inside the pod's network namespace (and on the host for a
 //! hostNetwork pod) over SPDY/3.1, as client-go's port-forward client
-//! speaks it. (Exec and attach need containers; their protocol is tested
-//! in-process in `src/cri/streaming/tests.rs`.)
+//! speaks it; Exec (with and without a tty) and Attach in a container of
+//! an image this test builds (the host's static busybox, served from a
+//! loopback registry, as in `cri_containers.rs`).
 
 mod common;
 
 use std::{
+    collections::HashMap,
     io::{Read, Write},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use auraed::cri::streaming::spdy;
-use auraed_cri::proto::{self, runtime_service_client::RuntimeServiceClient};
+use auraed_cri::proto::{
+    self, image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
 use common::Daemon;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{transport::Channel, Code};
+
+// ---------------------------------------------------------------- registry
+
+/// What the test registry serves: path -> (content type, body).
+#[derive(Default)]
+struct Content {
+    files: HashMap<String, (String, Vec<u8>)>,
+    /// `Basic <base64>` the registry requires, if any.
+    basic_auth: Option<String>,
+    requests: Vec<String>,
+}
+
+/// A minimal read-only registry (distribution API v2, HTTP/1.1, one
+/// request per connection) on 127.0.0.1.
+struct Registry {
+    addr: String,
+    content: Arc<Mutex<Content>>,
+}
+
+impl Registry {
+    async fn start(basic_auth: Option<String>) -> Registry {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let content = Arc::new(Mutex::new(Content {
+            basic_auth,
+            ..Default::default()
+        }));
+        let c = content.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).into_owned();
+                    let mut lines = head.lines();
+                    let first = lines.next().unwrap_or("").to_string();
+                    let mut parts = first.split(' ');
+                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                    let auth = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+                        .map(|(_, v)| v.trim().to_string());
+                    let (status, ctype, body, extra) = {
+                        let mut c = c.lock().expect("lock");
+                        c.requests.push(format!("{method} {path}"));
+                        let path = path.split('?').next().unwrap_or("");
+                        if c.basic_auth.is_some() && auth != c.basic_auth {
+                            (
+                                "401 Unauthorized",
+                                "text/plain".to_string(),
+                                b"unauthorized".to_vec(),
+                                "WWW-Authenticate: Basic realm=\"test\"\r\n".to_string(),
+                            )
+                        } else if path == "/v2/" || path == "/v2" {
+                            (
+                                "200 OK",
+                                "application/json".to_string(),
+                                b"{}".to_vec(),
+                                String::new(),
+                            )
+                        } else if let Some((t, b)) = c.files.get(path) {
+                            let d = format!("sha256:{}", hex::encode(Sha256::digest(b)));
+                            (
+                                "200 OK",
+                                t.clone(),
+                                b.clone(),
+                                format!("Docker-Content-Digest: {d}\r\n"),
+                            )
+                        } else {
+                            (
+                                "404 Not Found",
+                                "application/json".to_string(),
+                                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}"#
+                                    .to_vec(),
+                                String::new(),
+                            )
+                        }
+                    };
+                    let body = if method == "HEAD" { Vec::new() } else { body };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.write_all(&body).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Registry { addr, content }
+    }
+
+    fn put(&self, path: String, ctype: &str, body: Vec<u8>) {
+        self.content
+            .lock()
+            .expect("lock")
+            .files
+            .insert(path, (ctype.to_string(), body));
+    }
+}
+
+fn tar_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).expect("path");
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    if let Some(l) = link {
+        h.set_link_name(l).expect("link");
+    }
+    h.set_cksum();
+    b.append(&h, data).expect("append");
+}
+
+/// One-layer image: the host's static busybox as /bin/busybox and /bin/sh,
+/// /etc/passwd and /etc/group with a user `app` (1234:2345), /tmp.
+fn publish_busybox(reg: &Registry, repo: &str) {
+    let busybox = std::fs::read("/usr/bin/busybox").expect("/usr/bin/busybox (static) is needed");
+    let mut b = tar::Builder::new(Vec::new());
+    use tar::EntryType as T;
+    tar_entry(&mut b, "bin/", T::Directory, 0o755, b"", None);
+    tar_entry(&mut b, "bin/busybox", T::Regular, 0o755, &busybox, None);
+    tar_entry(&mut b, "bin/sh", T::Symlink, 0o777, b"", Some("busybox"));
+    tar_entry(&mut b, "etc/", T::Directory, 0o755, b"", None);
+    tar_entry(
+        &mut b,
+        "etc/passwd",
+        T::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345::/tmp:/bin/sh\n",
+        None,
+    );
+    tar_entry(
+        &mut b,
+        "etc/group",
+        T::Regular,
+        0o644,
+        b"root:x:0:\napp:x:2345:\n",
+        None,
+    );
+    tar_entry(&mut b, "tmp/", T::Directory, 0o1777, b"", None);
+    let tar = b.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin", "FROM_IMAGE=1"], "WorkingDir": "/tmp"},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&tar)]},
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(&gz), "size": gz.len()}],
+    }).to_string().into_bytes();
+    reg.put(
+        format!("/v2/{repo}/blobs/{}", digest(&gz)),
+        "application/octet-stream",
+        gz,
+    );
+    reg.put(
+        format!("/v2/{repo}/blobs/{}", digest(&config)),
+        "application/octet-stream",
+        config,
+    );
+    reg.put(
+        format!("/v2/{repo}/manifests/1"),
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    );
+}
+
+const IMAGE: &str = "registry.test.invalid/ctr/busybox:1";
+
+fn digest(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
 
 struct Cri {
     _daemon: Daemon,
@@ -25,19 +230,34 @@ struct Cri {
     socket: PathBuf,
 }
 
-async fn start() -> Cri {
+/// A daemon with the CRI on a temporary socket; `mirror`: a registry name
+/// mapped to an `http://` address through certs.d.
+async fn start_with(mirror: Option<(&str, &str)>) -> Cri {
     let dir = tempfile::Builder::new()
         .prefix("auraed-cri-stream-")
         .tempdir()
         .expect("tempdir");
     let socket = dir.path().join("cri.sock");
+    let certs = dir.path().join("certs.d");
     let cni = dir.path().join("net.d");
     std::fs::create_dir_all(&cni).expect("mkdir");
+    if let Some((name, url)) = mirror {
+        std::fs::create_dir_all(certs.join(name)).expect("mkdir");
+        std::fs::write(
+            certs.join(name).join("hosts.toml"),
+            format!(
+                "server = \"{url}\"\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("hosts.toml");
+    }
     let daemon = Daemon::start_with(
         None,
         &[
             "--cri-socket",
             socket.to_str().expect("utf-8"),
+            "--registry-config-dir",
+            certs.to_str().expect("utf-8"),
             "--cni-conf-dir",
             cni.to_str().expect("utf-8"),
         ],
@@ -48,6 +268,10 @@ async fn start() -> Cri {
         _dir: dir,
         socket,
     }
+}
+
+async fn start() -> Cri {
+    start_with(None).await
 }
 
 async fn channel(socket: &Path) -> Channel {
@@ -304,4 +528,172 @@ async fn exec_and_attach_requests_are_validated() {
         .await
         .expect_err("no streams");
     assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+fn streams(kinds: &[&str]) -> Vec<spdy::Headers> {
+    kinds
+        .iter()
+        .map(|k| vec![("streamType".to_string(), k.to_string())])
+        .collect()
+}
+
+/// A pod with one running `sh` container (stdin open, no log path).
+async fn shell_container(rt: &mut RuntimeServiceClient<Channel>) -> (String, String) {
+    let pod = run_pod(rt, false).await;
+    let name = common::unique("sh");
+    let id = rt
+        .create_container(proto::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(proto::ContainerConfig {
+                metadata: Some(proto::ContainerMetadata {
+                    name: name.clone(),
+                    attempt: 0,
+                }),
+                image: Some(proto::ImageSpec {
+                    image: IMAGE.into(),
+                    ..Default::default()
+                }),
+                command: vec!["sh".into()],
+                stdin: true,
+                stdin_once: true,
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    rt.start_container(proto::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    (pod, id)
+}
+
+#[tokio::test]
+async fn exec_and_attach_in_a_container() {
+    let reg = Registry::start(None).await;
+    publish_busybox(&reg, "ctr/busybox");
+    let mirror = format!("http://{}", reg.addr);
+    let cri = start_with(Some(("registry.test.invalid", &mirror))).await;
+    let ch = channel(&cri.socket).await;
+    ImageServiceClient::new(ch.clone())
+        .pull_image(proto::PullImageRequest {
+            image: Some(proto::ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .expect("PullImage");
+    let mut rt = RuntimeServiceClient::new(ch);
+    let (pod, id) = shell_container(&mut rt).await;
+
+    // Exec without a tty: stdout, stderr and the exit code.
+    let url = rt
+        .exec(proto::ExecRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 4".into()],
+            tty: false,
+            stdin: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let (code, conn) = upgrade(&url, "v4.channel.k8s.io").await;
+    assert_eq!(code, 101);
+    let mut conn = conn.expect("connection");
+    let mut s = Vec::new();
+    for h in streams(&["error", "stdout", "stderr"]) {
+        s.push(conn.open(h).await.expect("stream"));
+    }
+    assert_eq!(read_all(&mut s[1].reader).await, b"out\n");
+    assert_eq!(read_all(&mut s[2].reader).await, b"err\n");
+    let status = String::from_utf8_lossy(&read_all(&mut s[0].reader).await).into_owned();
+    assert!(status.contains("NonZeroExitCode") && status.contains(r#""message":"4""#), "{status}");
+
+    // Exec with a tty: the command runs on a terminal of the size asked.
+    let url = rt
+        .exec(proto::ExecRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "read x; stty size; echo tty $x".into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let (code, conn) = upgrade(&url, "v4.channel.k8s.io").await;
+    assert_eq!(code, 101);
+    let mut conn = conn.expect("connection");
+    let mut s = Vec::new();
+    for h in streams(&["error", "stdin", "stdout", "resize"]) {
+        s.push(conn.open(h).await.expect("stream"));
+    }
+    s[3].writer
+        .write(br#"{"Width":77,"Height":22}"#)
+        .await
+        .expect("resize");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s[1].writer.write(b"yes\n").await.expect("stdin");
+    let out = String::from_utf8_lossy(&read_all(&mut s[2].reader).await).into_owned();
+    assert!(out.contains("22 77") && out.contains("tty yes"), "{out:?}");
+    assert_eq!(
+        read_all(&mut s[0].reader).await,
+        br#"{"metadata":{},"status":"Success"}"#
+    );
+
+    // Attach: what is typed reaches the container's stdin, its output
+    // comes back, and closing stdin ends the attach.
+    let url = rt
+        .attach(proto::AttachRequest {
+            container_id: id.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let (code, conn) = upgrade(&url, "v4.channel.k8s.io").await;
+    assert_eq!(code, 101);
+    let mut conn = conn.expect("connection");
+    let mut s = Vec::new();
+    for h in streams(&["error", "stdin", "stdout", "stderr"]) {
+        s.push(conn.open(h).await.expect("stream"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s[1].writer
+        .write(b"echo hello; echo oops >&2\n")
+        .await
+        .expect("stdin");
+    let got = tokio::time::timeout(Duration::from_secs(10), s[2].reader.read())
+        .await
+        .expect("output in time");
+    assert_eq!(got.as_deref(), Some(&b"hello\n"[..]));
+    let got = tokio::time::timeout(Duration::from_secs(10), s[3].reader.read())
+        .await
+        .expect("output in time");
+    assert_eq!(got.as_deref(), Some(&b"oops\n"[..]));
+    s[1].writer.close().await.expect("fin");
+    assert_eq!(
+        read_all(&mut s[0].reader).await,
+        br#"{"metadata":{},"status":"Success"}"#
+    );
+
+    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .expect("RemovePodSandbox");
 }
