@@ -677,6 +677,13 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
             "sysctl": i.sysctls,
         },
     });
+    // Bidirectional mounts need the rootfs shared, host-to-container ones
+    // at least slave (containerd's rule), or propagation stops there.
+    if c.mounts.iter().any(|m| m.propagation == 2) {
+        spec["linux"]["rootfsPropagation"] = json!("rshared");
+    } else if c.mounts.iter().any(|m| m.propagation == 1) {
+        spec["linux"]["rootfsPropagation"] = json!("rslave");
+    }
     if let Some(profile) = seccomp(&sc, &caps)? {
         spec["linux"]["seccomp"] = profile;
     }
