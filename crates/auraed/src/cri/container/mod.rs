@@ -830,8 +830,7 @@ impl Containers {
         let mut se = child.stderr.take();
         let run = async {
             let (a, b) = tokio::join!(read_capped(so.as_mut()), read_capped(se.as_mut()));
-            let st = child.wait().await;
-            (a, b, st)
+            (a, b)
         };
         let res = if timeout > 0 {
             tokio::time::timeout(Duration::from_secs(timeout as u64), run).await
@@ -839,8 +838,8 @@ impl Containers {
             Ok(run.await)
         };
         let out = match res {
-            Ok((stdout, stderr, st)) => {
-                let st = st.map_err(internal("crun exec"))?;
+            Ok((stdout, stderr)) => {
+                let st = child.wait().await.map_err(internal("crun exec"))?;
                 use std::os::unix::process::ExitStatusExt;
                 let code = st
                     .code()
@@ -853,15 +852,24 @@ impl Containers {
                 })
             }
             Err(_) => {
-                // The exec'd process, not only crun: it must be gone.
-                if let Some(pid) = std::fs::read_to_string(&pid_file)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    if let Some(p) = ProcId::of(pid) {
-                        p.signal(libc::SIGKILL);
+                // The exec'd process (and what it started), not only the
+                // runtime: it must be gone. Under load the runtime may not
+                // have written its pid yet: wait for it while it runs.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let pid = std::fs::read_to_string(&pid_file)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok());
+                    if let Some(pid) = pid {
+                        kill_tree(pid);
+                        break;
                     }
+                    if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                let _ = child.kill().await;
                 Err(ContainerError::DeadlineExceeded(format!(
                     "command {cmd:?} in container {} timed out after {timeout} s",
                     r.id
@@ -1068,6 +1076,33 @@ fn remove_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// SIGKILLs `pid` and its descendants (found by parent pid in /proc).
+fn kill_tree(pid: i32) {
+    let mut all: Vec<(i32, i32)> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Some(st) = crate::host::proc::stat(p) {
+                all.push((p, st.ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    for p in tree {
+        if let Some(id) = ProcId::of(p) {
+            id.signal(libc::SIGKILL);
         }
     }
 }

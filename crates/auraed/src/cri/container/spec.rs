@@ -39,7 +39,8 @@ pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Every capability (privileged containers and "ALL").
+/// Every capability (privileged containers and "ALL"), in the kernel's
+/// numbering (index = capability number).
 pub const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -250,6 +251,13 @@ pub fn user(
     image_user: &str,
     sc: Option<&proto::LinuxContainerSecurityContext>,
 ) -> Result<User, ContainerError> {
+    if let Some(s) = sc {
+        if s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty() {
+            return Err(ContainerError::Invalid(
+                "run_as_group needs run_as_user or run_as_username".into(),
+            ));
+        }
+    }
     let pw = passwd(rootfs);
     let gr = groups(rootfs);
     let (user_part, group_part) = match image_user.split_once(':') {
@@ -328,15 +336,16 @@ fn cap_name(c: &str) -> String {
 /// The capability set: defaults (or all when privileged), then add, then
 /// drop (containerd's order; "ALL" in either).
 pub fn capabilities(privileged: bool, caps: Option<&proto::Capability>) -> Vec<String> {
+    let all = || -> Vec<String> { ALL_CAPS.iter().map(|s| s.to_string()).collect() };
     let mut set: Vec<String> = if privileged {
-        ALL_CAPS.iter().map(|s| s.to_string()).collect()
+        all()
     } else {
         DEFAULT_CAPS.iter().map(|s| s.to_string()).collect()
     };
     if let Some(c) = caps {
         for a in &c.add_capabilities {
             if a.eq_ignore_ascii_case("ALL") {
-                set = ALL_CAPS.iter().map(|s| s.to_string()).collect();
+                set = all();
             } else {
                 let n = cap_name(a);
                 if !set.contains(&n) {
@@ -353,7 +362,133 @@ pub fn capabilities(privileged: bool, caps: Option<&proto::Capability>) -> Vec<S
             }
         }
     }
+    // Only what the daemon itself may hand out: the runtime fails on a
+    // capability outside its bounding set (here root lacks some, e.g.
+    // CAP_SYS_RESOURCE), as containerd's "all" is its own set.
+    let bounding = own_bounding_set();
+    set.retain(|c| {
+        ALL_CAPS
+            .iter()
+            .position(|a| a == c)
+            .is_none_or(|i| bounding.is_none_or(|b| b & (1u64 << i) != 0))
+    });
     set
+}
+
+/// CapBnd of this process (None if unreadable: then nothing is filtered).
+fn own_bounding_set() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = text.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The syscalls the default profile withholds: containerd's default
+/// profile is an allowlist derived from Docker's; this is its complement
+/// for what a container without extra capabilities has no business
+/// calling (kernel modules, kexec, reboot, swap, accounting, raw I/O,
+/// keyrings, BPF/perf, userfaultfd, handles), plus the cap-gated ones
+/// unless the container holds the capability.
+const DENIED_ALWAYS: &[&str] = &[
+    "acct", "add_key", "bpf", "create_module", "delete_module", "finit_module",
+    "get_kernel_syms", "init_module", "ioperm", "iopl", "kcmp", "kexec_file_load",
+    "kexec_load", "keyctl", "lookup_dcookie", "nfsservctl", "open_by_handle_at",
+    "perf_event_open", "query_module", "reboot", "request_key", "swapoff", "swapon",
+    "_sysctl", "sysfs", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
+];
+const DENIED_WITHOUT_SYS_ADMIN: &[&str] = &[
+    "mount", "umount", "umount2", "unshare", "setns", "pivot_root", "name_to_handle_at",
+    "quotactl", "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "fspick",
+];
+const DENIED_WITHOUT_SYS_TIME: &[&str] = &["settimeofday", "stime", "clock_settime", "clock_adjtime"];
+
+fn default_seccomp(caps: &[String]) -> Value {
+    let mut names: Vec<&str> = DENIED_ALWAYS.to_vec();
+    if !caps.iter().any(|c| c == "CAP_SYS_ADMIN") {
+        names.extend_from_slice(DENIED_WITHOUT_SYS_ADMIN);
+    }
+    if !caps.iter().any(|c| c == "CAP_SYS_TIME") {
+        names.extend_from_slice(DENIED_WITHOUT_SYS_TIME);
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "syscalls": [{"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    })
+}
+
+/// A Docker-format profile file (what kubelet's Localhost profiles are)
+/// as the OCI `linux.seccomp`: the same fields, minus Docker's own.
+fn localhost_seccomp(path: &str) -> Result<Value, ContainerError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ContainerError::Invalid(format!("seccomp profile {path}: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ContainerError::Invalid(format!("seccomp profile {path}: {e}")))?;
+    let mut out = serde_json::Map::new();
+    for k in ["defaultAction", "defaultErrnoRet", "architectures", "flags", "listenerPath"] {
+        if let Some(x) = v.get(k) {
+            out.insert(k.into(), x.clone());
+        }
+    }
+    if let Some(arches) = v.get("archMap").and_then(|a| a.as_array()) {
+        if !out.contains_key("architectures") {
+            let mut list = Vec::new();
+            for a in arches {
+                if let Some(x) = a.get("architecture") {
+                    list.push(x.clone());
+                }
+                if let Some(subs) = a.get("subArchitectures").and_then(|s| s.as_array()) {
+                    list.extend(subs.iter().cloned());
+                }
+            }
+            out.insert("architectures".into(), Value::Array(list));
+        }
+    }
+    let mut syscalls = Vec::new();
+    for sc in v.get("syscalls").and_then(|s| s.as_array()).into_iter().flatten() {
+        let mut c = serde_json::Map::new();
+        let names = match (sc.get("names"), sc.get("name")) {
+            (Some(n), _) => n.clone(),
+            (None, Some(n)) => json!([n]),
+            _ => continue,
+        };
+        c.insert("names".into(), names);
+        for k in ["action", "errnoRet", "args"] {
+            if let Some(x) = sc.get(k).filter(|x| !x.is_null()) {
+                c.insert(k.into(), x.clone());
+            }
+        }
+        syscalls.push(Value::Object(c));
+    }
+    out.insert("syscalls".into(), Value::Array(syscalls));
+    Ok(Value::Object(out))
+}
+
+/// `linux.seccomp`: none when privileged or unconfined (or unset, as
+/// kubelet means it), the default profile, or a Localhost file.
+pub fn seccomp(
+    sc: &proto::LinuxContainerSecurityContext,
+    caps: &[String],
+) -> Result<Option<Value>, ContainerError> {
+    if sc.privileged {
+        return Ok(None);
+    }
+    if let Some(p) = &sc.seccomp {
+        return match p.profile_type {
+            0 => Ok(Some(default_seccomp(caps))),
+            2 => localhost_seccomp(&p.localhost_ref).map(Some),
+            _ => Ok(None),
+        };
+    }
+    // The field older kubelets still send.
+    #[allow(deprecated)]
+    let path = sc.seccomp_profile_path.as_str();
+    if path == "runtime/default" || path == "docker/default" {
+        Ok(Some(default_seccomp(caps)))
+    } else if let Some(file) = path.strip_prefix("localhost/") {
+        localhost_seccomp(file).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// Where the pod's namespaces are (None: the host's).
@@ -512,7 +647,7 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
         )
     };
 
-    let spec = json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": false,
@@ -542,6 +677,16 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
             "sysctl": i.sysctls,
         },
     });
+    // Bidirectional mounts need the rootfs shared, host-to-container ones
+    // at least slave (containerd's rule), or propagation stops there.
+    if c.mounts.iter().any(|m| m.propagation == 2) {
+        spec["linux"]["rootfsPropagation"] = json!("rshared");
+    } else if c.mounts.iter().any(|m| m.propagation == 1) {
+        spec["linux"]["rootfsPropagation"] = json!("rslave");
+    }
+    if let Some(profile) = seccomp(&sc, &caps)? {
+        spec["linux"]["seccomp"] = profile;
+    }
     // Typed check: a field oci-spec cannot read is a bug here, not crun's.
     serde_json::from_value::<oci_spec::runtime::Spec>(spec.clone())
         .map_err(|e| ContainerError::Internal(format!("OCI spec: {e}")))?;
