@@ -585,6 +585,7 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<proto::ExecRequest>,
     ) -> Result<Response<proto::ExecResponse>, Status> {
         let mut req = request.into_inner();
+        super::streaming::validate_exec(&req)?;
         req.container_id = self.running(&req.container_id)?.id;
         Ok(Response::new(self.streaming()?.exec(req)?))
     }
@@ -594,6 +595,7 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<proto::AttachRequest>,
     ) -> Result<Response<proto::AttachResponse>, Status> {
         let mut req = request.into_inner();
+        super::streaming::validate_attach(&req)?;
         let r = self.running(&req.container_id)?;
         if req.stdin && !r.stdin {
             return Err(Status::failed_precondition(format!(

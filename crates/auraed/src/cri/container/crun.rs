@@ -377,6 +377,13 @@ fn pump(out_r: OwnedFd, err_r: OwnedFd, init: i32, log: &mut CriLog) -> i32 {
             .collect();
         // SAFETY: pfds is a valid array of pollfd of the given length.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 200) };
+        if n == 0 {
+            // Idle: a partial line waiting for its newline is written as a
+            // P record now, so that Attach (which follows the log) shows a
+            // prompt or `echo -n` output while the container waits.
+            log.finish(Stream::Stdout);
+            log.finish(Stream::Stderr);
+        }
         if n <= 0 {
             continue; // timeout or EINTR (SIGUSR1, SIGCHLD)
         }

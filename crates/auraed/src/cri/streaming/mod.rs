@@ -349,6 +349,20 @@ fn validate_streams(
     Ok(())
 }
 
+/// The checks of an ExecRequest that need no container.
+pub fn validate_exec(req: &auraed_cri::proto::ExecRequest) -> Result<(), tonic::Status> {
+    validate_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
+    if req.cmd.is_empty() {
+        return Err(invalid("cmd: a command is required"));
+    }
+    Ok(())
+}
+
+/// The checks of an AttachRequest that need no container.
+pub fn validate_attach(req: &auraed_cri::proto::AttachRequest) -> Result<(), tonic::Status> {
+    validate_streams(req.tty, req.stdin, req.stdout, req.stderr)
+}
+
 impl StreamingRpcs {
     pub fn new(
         server: Arc<Streaming>,
