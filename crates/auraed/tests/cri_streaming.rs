@@ -540,10 +540,16 @@ fn streams(kinds: &[&str]) -> Vec<spdy::Headers> {
 /// A pod with one running `sh` container (stdin open, no log path).
 async fn shell_container(rt: &mut RuntimeServiceClient<Channel>) -> (String, String) {
     let pod = run_pod(rt, false).await;
-    let name = common::unique("sh");
+    let id = container_in(rt, &pod, &["sh"]).await;
+    (pod, id)
+}
+
+/// A running container in `pod` (stdin open, no log path).
+async fn container_in(rt: &mut RuntimeServiceClient<Channel>, pod: &str, cmd: &[&str]) -> String {
+    let name = common::unique("c");
     let id = rt
         .create_container(proto::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
+            pod_sandbox_id: pod.to_string(),
             config: Some(proto::ContainerConfig {
                 metadata: Some(proto::ContainerMetadata {
                     name: name.clone(),
@@ -553,7 +559,7 @@ async fn shell_container(rt: &mut RuntimeServiceClient<Channel>) -> (String, Str
                     image: IMAGE.into(),
                     ..Default::default()
                 }),
-                command: vec!["sh".into()],
+                command: cmd.iter().map(|s| s.to_string()).collect(),
                 stdin: true,
                 stdin_once: true,
                 ..Default::default()
@@ -569,7 +575,7 @@ async fn shell_container(rt: &mut RuntimeServiceClient<Channel>) -> (String, Str
     })
     .await
     .expect("StartContainer");
-    (pod, id)
+    id
 }
 
 #[tokio::test]
@@ -689,6 +695,34 @@ async fn exec_and_attach_in_a_container() {
         .expect("output in time");
     assert_eq!(got.as_deref(), Some(&b"oops\n"[..]));
     s[1].writer.close().await.expect("fin");
+    assert_eq!(
+        read_all(&mut s[0].reader).await,
+        br#"{"metadata":{},"status":"Success"}"#
+    );
+
+    // An attach without stdin ends when the container exits, after its
+    // last output.
+    let id = container_in(&mut rt, &pod, &["sh", "-c", "sleep 2; echo bye"]).await;
+    let url = rt
+        .attach(proto::AttachRequest {
+            container_id: id,
+            stdin: false,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let (code, conn) = upgrade(&url, "v4.channel.k8s.io").await;
+    assert_eq!(code, 101);
+    let mut conn = conn.expect("connection");
+    let mut s = Vec::new();
+    for h in streams(&["error", "stdout", "stderr"]) {
+        s.push(conn.open(h).await.expect("stream"));
+    }
+    assert_eq!(read_all(&mut s[1].reader).await, b"bye\n");
     assert_eq!(
         read_all(&mut s[0].reader).await,
         br#"{"metadata":{},"status":"Success"}"#

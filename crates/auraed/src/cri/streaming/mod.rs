@@ -466,6 +466,7 @@ impl StreamingRpcs {
         let url = self.server.url_for(Pending::Attach(AttachRequest {
             stdin_fifo: req.stdin.then_some(fifo),
             log_path,
+            exit_file: Some(self.container_dir(&req.container_id).join("exit.json")),
             tty: req.tty,
             stdin: req.stdin,
             stdout: req.stdout,

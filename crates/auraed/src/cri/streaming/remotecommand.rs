@@ -74,6 +74,9 @@ pub struct AttachRequest {
     pub stdin_fifo: Option<PathBuf>,
     /// The container's CRI log (`<RFC3339Nano> <stream> <P|F> <text>`).
     pub log_path: PathBuf,
+    /// A file that appears when the container has exited (its monitor's
+    /// `exit.json`): the attach ends then, after the last output.
+    pub exit_file: Option<PathBuf>,
     pub tty: bool,
     pub stdin: bool,
     pub stdout: bool,
@@ -654,6 +657,10 @@ async fn attach(
         }
         if !req.log_path.exists() {
             break;
+        }
+        if req.exit_file.as_ref().is_some_and(|f| f.exists()) {
+            // Once more for what the container wrote last.
+            ending = true;
         }
     }
     for t in aux {

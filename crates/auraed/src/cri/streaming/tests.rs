@@ -245,6 +245,7 @@ async fn attach_streams_new_log_lines_and_feeds_the_stdin_fifo() {
         .url_for(Pending::Attach(AttachRequest {
             stdin_fifo: Some(fifo.clone()),
             log_path: log.clone(),
+            exit_file: None,
             tty: false,
             stdin: true,
             stdout: true,
