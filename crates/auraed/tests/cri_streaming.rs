@@ -603,7 +603,11 @@ async fn exec_and_attach_in_a_container() {
     let url = rt
         .exec(proto::ExecRequest {
             container_id: id.clone(),
-            cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 4".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; exit 4".into(),
+            ],
             tty: false,
             stdin: false,
             stdout: true,
@@ -623,13 +627,20 @@ async fn exec_and_attach_in_a_container() {
     assert_eq!(read_all(&mut s[1].reader).await, b"out\n");
     assert_eq!(read_all(&mut s[2].reader).await, b"err\n");
     let status = String::from_utf8_lossy(&read_all(&mut s[0].reader).await).into_owned();
-    assert!(status.contains("NonZeroExitCode") && status.contains(r#""message":"4""#), "{status}");
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains(r#""message":"4""#),
+        "{status}"
+    );
 
     // Exec with a tty: the command runs on a terminal of the size asked.
     let url = rt
         .exec(proto::ExecRequest {
             container_id: id.clone(),
-            cmd: vec!["sh".into(), "-c".into(), "read x; stty size; echo tty $x".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "read x; stty size; echo tty $x".into(),
+            ],
             tty: true,
             stdin: true,
             stdout: true,
@@ -728,7 +739,9 @@ async fn exec_and_attach_in_a_container() {
         br#"{"metadata":{},"status":"Success"}"#
     );
 
-    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .expect("RemovePodSandbox");
+    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
 }

@@ -454,8 +454,8 @@ impl StreamingRpcs {
     ) -> Result<auraed_cri::proto::AttachResponse, tonic::Status> {
         validate_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
         self.require_container(&req.container_id)?;
-        let log_path = log_path
-            .unwrap_or_else(|| self.container_dir(&req.container_id).join(OUTPUT_LOG));
+        let log_path =
+            log_path.unwrap_or_else(|| self.container_dir(&req.container_id).join(OUTPUT_LOG));
         let fifo = self.container_dir(&req.container_id).join("stdin");
         if req.stdin && !fifo.exists() {
             return Err(tonic::Status::failed_precondition(format!(

@@ -873,6 +873,7 @@ async fn read_loop<R: AsyncRead>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn roundtrip(frames: &[Frame]) -> Vec<Frame> {
         let mut enc = Encoder::new();
@@ -977,6 +978,92 @@ mod tests {
     fn a_wrong_version_is_refused() {
         let mut buf = BytesMut::from(&[0x80, 2, 0, 6, 0, 0, 0, 4, 0, 0, 0, 1][..]);
         assert!(Decoder::new().decode(&mut buf).is_err());
+    }
+
+    /// The server side against raw frames: SYN_REPLY for a new stream,
+    /// WINDOW_UPDATE once its data is consumed, PING echoed, and a reset
+    /// stream refusing writes.
+    #[tokio::test]
+    async fn server_frames_reply_window_ping_and_reset() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut server = Connection::server(a);
+        let mut enc = Encoder::new();
+        let mut dec = Decoder::new();
+        let mut out = BytesMut::new();
+        for f in [
+            Frame::SynStream {
+                id: 1,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                headers: vec![("streamtype".into(), "stdin".into())],
+            },
+            Frame::Data {
+                id: 1,
+                flags: 0,
+                data: Bytes::from_static(b"12345"),
+            },
+            Frame::Ping(1),
+        ] {
+            enc.encode(&f, &mut out).expect("encode");
+        }
+        b.write_all(&out).await.expect("write");
+        let mut st = server.incoming.recv().await.expect("stream");
+        assert_eq!(st.reader.read().await.as_deref(), Some(&b"12345"[..]));
+        let mut inbuf = BytesMut::new();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            if let Some(f) = dec.decode(&mut inbuf).expect("decode") {
+                got.push(f);
+                continue;
+            }
+            b.read_buf(&mut inbuf).await.expect("read");
+        }
+        assert!(got.contains(&Frame::SynReply {
+            id: 1,
+            flags: 0,
+            headers: vec![]
+        }));
+        assert!(got.contains(&Frame::Ping(1)));
+        assert!(got.contains(&Frame::WindowUpdate { id: 1, delta: 5 }));
+        // The peer resets the stream: writes fail, reads end.
+        out.clear();
+        enc.encode(
+            &Frame::RstStream {
+                id: 1,
+                status: CANCEL,
+            },
+            &mut out,
+        )
+        .expect("encode");
+        b.write_all(&out).await.expect("write");
+        assert_eq!(st.reader.read().await, None);
+        assert!(st.writer.is_reset());
+        assert!(st.writer.write(b"x").await.is_err());
+        // Data for a stream that does not exist is answered with a reset.
+        out.clear();
+        enc.encode(
+            &Frame::Data {
+                id: 9,
+                flags: 0,
+                data: Bytes::from_static(b"?"),
+            },
+            &mut out,
+        )
+        .expect("encode");
+        b.write_all(&out).await.expect("write");
+        loop {
+            if let Some(f) = dec.decode(&mut inbuf).expect("decode") {
+                if f == (Frame::RstStream {
+                    id: 9,
+                    status: INVALID_STREAM,
+                }) {
+                    break;
+                }
+                continue;
+            }
+            b.read_buf(&mut inbuf).await.expect("read");
+        }
     }
 
     #[tokio::test]
