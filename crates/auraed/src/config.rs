@@ -215,6 +215,11 @@ mod tests {
     fn cri_is_off_unless_asked_for() {
         let c = Config::try_parse_from(["auraed"]).expect("defaults parse");
         assert_eq!(c.cri_socket, None);
+        // The streaming server: loopback, any free port, unless told.
+        assert_eq!(c.cri_streaming_addr.to_string(), "127.0.0.1:0");
+        let c = Config::try_parse_from(["auraed", "--cri-streaming-addr", "127.0.0.1:10010"])
+            .expect("addr");
+        assert_eq!(c.cri_streaming_addr.port(), 10010);
         let c = Config::try_parse_from(["auraed", "--cri-socket", "-v"]).expect("bare flag");
         assert_eq!(c.cri_socket, Some(PathBuf::from(DEFAULT_CRI_SOCKET)));
         let c = Config::try_parse_from(["auraed", "--cri-socket", "/tmp/x.sock"]).expect("path");
