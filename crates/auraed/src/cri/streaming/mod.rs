@@ -17,6 +17,7 @@
 mod portforward;
 mod remotecommand;
 pub mod spdy;
+mod ws;
 
 use std::{
     collections::HashMap,
@@ -250,13 +251,14 @@ fn respond(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    if upgrade.eq_ignore_ascii_case("websocket") {
+        return websocket(req, pending, shutdown);
+    }
     if !upgrade.eq_ignore_ascii_case(SPDY_31) {
-        let why = if upgrade.eq_ignore_ascii_case("websocket") {
-            "WebSocket streaming is not supported by auraed yet; use SPDY/3.1"
-        } else {
-            "this URL needs an Upgrade: SPDY/3.1 request"
-        };
-        return plain(StatusCode::BAD_REQUEST, format!("{why}\n"));
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "this URL needs an Upgrade: SPDY/3.1 or websocket request\n".into(),
+        );
     }
     let Some(protocol) = negotiate(req.headers(), pending.protocols()) else {
         let mut r = plain(
@@ -510,6 +512,71 @@ impl StreamingRpcs {
             }))?;
         Ok(auraed_cri::proto::PortForwardResponse { url })
     }
+}
+
+/// The WebSocket handshake (RFC 6455) for exec and attach, with the
+/// channel protocol negotiated in `Sec-WebSocket-Protocol`.
+fn websocket(
+    mut req: Request<Incoming>,
+    pending: Pending,
+    shutdown: CancellationToken,
+) -> Response<Full<Bytes>> {
+    if matches!(pending, Pending::PortForward(_)) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "port forwarding over WebSocket is not supported by auraed yet; use SPDY/3.1\n".into(),
+        );
+    }
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return plain(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key\n".into());
+    };
+    let protocol = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| ws::PROTOCOLS.iter().find(|s| **s == p).copied());
+    let Some(protocol) = protocol else {
+        return plain(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: server accepts {:?}\n",
+                ws::PROTOCOLS
+            ),
+        );
+    };
+    let accept =
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgraded = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let io = match upgraded.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!("CRI streaming: upgrade failed: {e}");
+                return;
+            }
+        };
+        let conn = ws::connection(io).await;
+        // v5's status and streams are v4's.
+        let v4 = remotecommand::V4;
+        match pending {
+            Pending::Exec(r) => remotecommand::serve_exec(conn, v4, r, shutdown).await,
+            Pending::Attach(r) => remotecommand::serve_attach(conn, v4, r, shutdown).await,
+            Pending::PortForward(_) => {}
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    h.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
+    r
 }
 
 #[cfg(test)]

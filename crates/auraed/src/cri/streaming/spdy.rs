@@ -431,7 +431,7 @@ impl Decoder {
 }
 
 /// What the writer task is asked to do.
-enum Out {
+pub(super) enum Out {
     Frame(Frame),
     /// GOAWAY, flush, close the write side, stop the reader.
     Close,
@@ -547,12 +547,12 @@ impl Stream {
     }
 }
 
-struct Route {
-    tx: mpsc::Sender<Bytes>,
-    reset: Arc<AtomicBool>,
+pub(super) struct Route {
+    pub(super) tx: mpsc::Sender<Bytes>,
+    pub(super) reset: Arc<AtomicBool>,
 }
 
-type Routes = Arc<std::sync::Mutex<HashMap<u32, Route>>>;
+pub(super) type Routes = Arc<std::sync::Mutex<HashMap<u32, Route>>>;
 
 /// One SPDY connection over an upgraded HTTP connection.
 pub struct Connection {
@@ -579,6 +579,53 @@ impl Connection {
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
         Self::start(io, false)
+    }
+
+    /// A connection whose streams exist from the start and whose frames
+    /// another transport carries (WebSocket channels, `ws.rs`): `streams`
+    /// are (id, stream type); `out` is what the streams send.
+    pub(super) fn preopened(
+        streams: &[(u32, &str)],
+        tx: mpsc::Sender<Out>,
+        stopped: CancellationToken,
+    ) -> (Connection, Routes) {
+        let routes: Routes = Arc::default();
+        let (in_tx, incoming) = mpsc::channel::<Stream>(streams.len().max(1));
+        for (id, kind) in streams {
+            let (dtx, rx) = mpsc::channel(64);
+            let reset = Arc::new(AtomicBool::new(false));
+            routes.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                *id,
+                Route {
+                    tx: dtx,
+                    reset: reset.clone(),
+                },
+            );
+            let _ = in_tx.try_send(Stream {
+                id: *id,
+                headers: vec![("streamtype".to_string(), kind.to_string())],
+                reader: StreamReader {
+                    id: *id,
+                    rx,
+                    tx: tx.clone(),
+                },
+                writer: StreamWriter {
+                    id: *id,
+                    tx: tx.clone(),
+                    reset,
+                },
+            });
+        }
+        (
+            Connection {
+                incoming,
+                tx,
+                routes: routes.clone(),
+                next_id: 1,
+                stopped,
+            },
+            routes,
+        )
     }
 
     fn start<T>(io: T, server: bool) -> Connection

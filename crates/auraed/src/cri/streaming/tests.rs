@@ -329,6 +329,29 @@ async fn client_go_interoperates() {
     assert!(out.contains("hello you"), "{out}");
     assert!(out.contains("ERR=<nil>"), "{out}");
 
+    // The same over WebSocket (v5.channel.k8s.io).
+    let url = s
+        .url_for(host_exec(&["sh", "-c", "echo hello; echo oops >&2; exit 2"], false, false))
+        .expect("url");
+    let out = run(vec!["-ws".into(), url]).await.expect("join");
+    assert!(out.contains("STDOUT=\"hello\\n\""), "{out}");
+    assert!(out.contains("STDERR=\"oops\\n\""), "{out}");
+    assert!(out.contains("exit code 2"), "{out}");
+    let url = s
+        .url_for(host_exec(&["sh", "-c", "read x; echo hello $x"], true, true))
+        .expect("url");
+    let out = run(vec![
+        "-ws".into(),
+        "-tty".into(),
+        "-stdin".into(),
+        "ws\\n".into(),
+        url,
+    ])
+    .await
+    .expect("join");
+    assert!(out.contains("hello ws"), "{out}");
+    assert!(out.contains("ERR=<nil>"), "{out}");
+
     // Port forwarding to a host port, through a local port of the client.
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
