@@ -514,19 +514,14 @@ impl StreamingRpcs {
     }
 }
 
-/// The WebSocket handshake (RFC 6455) for exec and attach, with the
-/// channel protocol negotiated in `Sec-WebSocket-Protocol`.
+/// The WebSocket handshake (RFC 6455), with the protocol negotiated in
+/// `Sec-WebSocket-Protocol`: the channels of `v5.channel.k8s.io` for exec
+/// and attach, SPDY tunnelled in binary messages for port forwarding.
 fn websocket(
     mut req: Request<Incoming>,
     pending: Pending,
     shutdown: CancellationToken,
 ) -> Response<Full<Bytes>> {
-    if matches!(pending, Pending::PortForward(_)) {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "port forwarding over WebSocket is not supported by auraed yet; use SPDY/3.1\n".into(),
-        );
-    }
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
         return plain(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key\n".into());
     };
@@ -537,7 +532,13 @@ fn websocket(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .find_map(|p| ws::PROTOCOLS.iter().find(|s| **s == p).copied());
+        .find_map(|p| {
+            let ours: &[&'static str] = match pending {
+                Pending::PortForward(_) => &[ws::PORTFORWARD_TUNNEL],
+                _ => ws::PROTOCOLS,
+            };
+            ours.iter().find(|s| **s == p).copied()
+        });
     let Some(protocol) = protocol else {
         return plain(
             StatusCode::FORBIDDEN,
@@ -558,13 +559,21 @@ fn websocket(
                 return;
             }
         };
-        let conn = ws::connection(io).await;
         // v5's status and streams are v4's.
         let v4 = remotecommand::V4;
         match pending {
-            Pending::Exec(r) => remotecommand::serve_exec(conn, v4, r, shutdown).await,
-            Pending::Attach(r) => remotecommand::serve_attach(conn, v4, r, shutdown).await,
-            Pending::PortForward(_) => {}
+            Pending::Exec(r) => {
+                let conn = ws::connection(io).await;
+                remotecommand::serve_exec(conn, v4, r, shutdown).await
+            }
+            Pending::Attach(r) => {
+                let conn = ws::connection(io).await;
+                remotecommand::serve_attach(conn, v4, r, shutdown).await
+            }
+            Pending::PortForward(r) => {
+                let conn = spdy::Connection::server(ws::tunnel(io).await);
+                portforward::serve(conn, r, shutdown).await
+            }
         }
     });
     let mut r = Response::new(Full::new(Bytes::new()));

@@ -386,6 +386,42 @@ async fn client_go_interoperates() {
     .await
     .expect("join");
     assert!(out.contains("RECV=\"echo:ping\""), "{out}");
+
+    // And tunnelled over WebSocket.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let (mut c, _) = echo.accept().await.expect("accept");
+        let mut v = Vec::new();
+        let _ = c.read_to_end(&mut v).await;
+        let _ = c.write_all(b"ws:").await;
+        let _ = c.write_all(&v).await;
+    });
+    let local = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let url = s
+        .url_for(Pending::PortForward(PortForwardRequest {
+            netns: None,
+            sandbox: "test".into(),
+        }))
+        .expect("url");
+    let out = run(vec![
+        "-ws".into(),
+        "-mode".into(),
+        "pf".into(),
+        "-ports".into(),
+        format!("{local}:{port}"),
+        "-send".into(),
+        "pong".into(),
+        url,
+    ])
+    .await
+    .expect("join");
+    assert!(out.contains("RECV=\"ws:pong\""), "{out}");
     stop.cancel();
 }
 

@@ -110,3 +110,59 @@ where
     });
     conn
 }
+
+/// The WebSocket subprotocol of port forwarding tunnelled over WebSocket
+/// (client-go's `NewSPDYOverWebsocketDialer`): the binary messages carry
+/// a SPDY/3.1 connection's bytes.
+pub const PORTFORWARD_TUNNEL: &str = "SPDY/3.1+portforward.k8s.io";
+
+/// The byte stream tunnelled in an upgraded WebSocket connection.
+pub async fn tunnel<T>(io: T) -> tokio::io::DuplexStream
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let (mut sink, mut source) = ws.split();
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(ours);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = source.next().await {
+            match m {
+                Message::Binary(b) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink
+                        .send(Message::Binary(buf[..n].to_vec().into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            })))
+            .await;
+        let _ = sink.close().await;
+    });
+    theirs
+}
