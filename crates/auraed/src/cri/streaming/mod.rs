@@ -548,8 +548,7 @@ fn websocket(
             ),
         );
     };
-    let accept =
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let upgraded = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let io = match upgraded.await {

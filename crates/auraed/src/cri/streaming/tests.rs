@@ -331,14 +331,22 @@ async fn client_go_interoperates() {
 
     // The same over WebSocket (v5.channel.k8s.io).
     let url = s
-        .url_for(host_exec(&["sh", "-c", "echo hello; echo oops >&2; exit 2"], false, false))
+        .url_for(host_exec(
+            &["sh", "-c", "echo hello; echo oops >&2; exit 2"],
+            false,
+            false,
+        ))
         .expect("url");
     let out = run(vec!["-ws".into(), url]).await.expect("join");
     assert!(out.contains("STDOUT=\"hello\\n\""), "{out}");
     assert!(out.contains("STDERR=\"oops\\n\""), "{out}");
     assert!(out.contains("exit code 2"), "{out}");
     let url = s
-        .url_for(host_exec(&["sh", "-c", "read x; echo hello $x"], true, true))
+        .url_for(host_exec(
+            &["sh", "-c", "read x; echo hello $x"],
+            true,
+            true,
+        ))
         .expect("url");
     let out = run(vec![
         "-ws".into(),
@@ -495,7 +503,11 @@ async fn exec_over_websocket_v5() {
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
     let (s, stop) = server().await;
     let url = s
-        .url_for(host_exec(&["sh", "-c", "read x; echo got $x; exit 5"], false, true))
+        .url_for(host_exec(
+            &["sh", "-c", "read x; echo got $x; exit 5"],
+            false,
+            true,
+        ))
         .expect("url");
     let mut req = url
         .replace("http://", "ws://")
@@ -505,31 +517,48 @@ async fn exec_over_websocket_v5() {
         "sec-websocket-protocol",
         http::HeaderValue::from_static("v5.channel.k8s.io"),
     );
-    let host = url["http://".len()..].split('/').next().expect("host").to_owned();
+    let host = url["http://".len()..]
+        .split('/')
+        .next()
+        .expect("host")
+        .to_owned();
     let tcp = TcpStream::connect(host).await.expect("connect");
     let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp)
         .await
         .expect("handshake");
     assert_eq!(
-        resp.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()),
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
         Some(&b"v5.channel.k8s.io"[..])
     );
     ws.send(Message::Binary(b"\x00in\n".to_vec().into()))
         .await
         .expect("stdin");
     // v5: the client closed its stdin.
-    ws.send(Message::Binary(vec![255, 0].into())).await.expect("close");
+    ws.send(Message::Binary(vec![255, 0].into()))
+        .await
+        .expect("close");
     let mut by_channel: HashMap<u8, Vec<u8>> = HashMap::new();
     while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("timely")
     {
         if let Message::Binary(b) = m {
-            by_channel.entry(b[0]).or_default().extend_from_slice(&b[1..]);
+            by_channel
+                .entry(b[0])
+                .or_default()
+                .extend_from_slice(&b[1..]);
         }
     }
-    assert_eq!(by_channel.get(&1).map(Vec::as_slice), Some(&b"got in\n"[..]));
+    assert_eq!(
+        by_channel.get(&1).map(Vec::as_slice),
+        Some(&b"got in\n"[..])
+    );
     let status = String::from_utf8_lossy(by_channel.get(&3).expect("a status")).into_owned();
-    assert!(status.contains("NonZeroExitCode") && status.contains(r#""message":"5""#), "{status}");
+    assert!(
+        status.contains("NonZeroExitCode") && status.contains(r#""message":"5""#),
+        "{status}"
+    );
     stop.cancel();
 }
