@@ -128,14 +128,13 @@ where
     let (mut rd, mut wr) = tokio::io::split(ours);
     tokio::spawn(async move {
         while let Some(Ok(m)) = source.next().await {
-            match m {
-                Message::Binary(b) => {
-                    if wr.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+            let b = match m {
+                Message::Binary(b) => b,
                 Message::Close(_) => break,
-                _ => {}
+                _ => continue,
+            };
+            if wr.write_all(&b).await.is_err() {
+                break;
             }
         }
         let _ = wr.shutdown().await;
