@@ -420,7 +420,16 @@ impl Containers {
         let cell = format!("{}/c-{}", sandbox.cell, &id[..16]);
         let mut made = Made::default();
         let res = self
-            .create_in(&id, &dir, &cell, &sandbox, &config, &req.sandbox_config, &image, &mut made)
+            .create_in(
+                &id,
+                &dir,
+                &cell,
+                &sandbox,
+                &config,
+                &req.sandbox_config,
+                &image,
+                &mut made,
+            )
             .await;
         match res {
             Ok(mut r) => {
@@ -486,8 +495,8 @@ impl Containers {
             .unwrap_or_default();
         let spec_cell = cell_spec(cell, &res);
         let name = CellName::parse("cell", cell).map_err(CellsError::from)?;
-        let limits = crate::services::cells::validation::limits(&spec_cell)
-            .map_err(CellsError::from)?;
+        let limits =
+            crate::services::cells::validation::limits(&spec_cell).map_err(CellsError::from)?;
         self.cells.allocate(name, spec_cell, limits).await?;
         made.cell = true;
 
@@ -506,7 +515,12 @@ impl Containers {
         let sysctls = sandbox_config
             .linux
             .as_ref()
-            .map(|l| l.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|l| {
+                l.sysctls
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let (oci, user) = spec::build(&spec::Inputs {
             config,
@@ -549,7 +563,11 @@ impl Containers {
             attempt: 0,
             image: String::new(),
             image_ref: image.id.clone(),
-            labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             annotations: config
                 .annotations
                 .iter()
@@ -604,7 +622,9 @@ impl Containers {
     }
 
     async fn crun_delete(&self, id: &str) {
-        let out = self.crun.command(&self.crun_root, None)
+        let out = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["delete", "--force", id])
             .output()
             .await;
@@ -643,7 +663,9 @@ impl Containers {
                 )))
             }
         }
-        let out = self.crun.command(&self.crun_root, None)
+        let out = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["start", &r.id])
             .output()
             .await
@@ -669,7 +691,9 @@ impl Containers {
     }
 
     async fn kill(&self, r: &Record, signal: &str) {
-        let _ = self.crun.command(&self.crun_root, None)
+        let _ = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["kill", &r.id, signal])
             .output()
             .await;
@@ -822,58 +846,65 @@ impl Containers {
         }
         let mut child = c.spawn().map_err(internal("crun exec"))?;
         drop(procs);
-        let mut so = child.stdout.take();
-        let mut se = child.stderr.take();
-        let run = async {
-            let (a, b) = tokio::join!(read_capped(so.as_mut()), read_capped(se.as_mut()));
-            (a, b)
-        };
-        let res = if timeout > 0 {
-            tokio::time::timeout(Duration::from_secs(timeout as u64), run).await
-        } else {
-            Ok(run.await)
-        };
-        let out = match res {
-            Ok((stdout, stderr)) => {
-                let st = child.wait().await.map_err(internal("crun exec"))?;
-                use std::os::unix::process::ExitStatusExt;
-                let code = st
-                    .code()
-                    .or_else(|| st.signal().map(|s| 128 + s))
-                    .unwrap_or(255);
-                Ok(proto::ExecSyncResponse {
-                    stdout,
-                    stderr,
-                    exit_code: code,
-                })
-            }
-            Err(_) => {
-                // The exec'd process (and what it started), not only the
-                // runtime: it must be gone. Under load the runtime may not
-                // have written its pid yet: wait for it while it runs.
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let pid = std::fs::read_to_string(&pid_file)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i32>().ok());
-                    if let Some(pid) = pid {
-                        kill_tree(pid);
-                        break;
-                    }
-                    if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        // In a task of its own: the client gives up at its deadline (which
+        // drops this future), yet the command must still be killed.
+        let cmd = cmd.to_vec();
+        let id = r.id.clone();
+        let task = tokio::spawn(async move {
+            let mut so = child.stdout.take();
+            let mut se = child.stderr.take();
+            let run = async {
+                let (a, b) = tokio::join!(read_capped(so.as_mut()), read_capped(se.as_mut()));
+                (a, b)
+            };
+            let res = if timeout > 0 {
+                tokio::time::timeout(Duration::from_secs(timeout as u64), run).await
+            } else {
+                Ok(run.await)
+            };
+            let out = match res {
+                Ok((stdout, stderr)) => {
+                    let st = child.wait().await.map_err(internal("crun exec"))?;
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = st
+                        .code()
+                        .or_else(|| st.signal().map(|s| 128 + s))
+                        .unwrap_or(255);
+                    Ok(proto::ExecSyncResponse {
+                        stdout,
+                        stderr,
+                        exit_code: code,
+                    })
                 }
-                let _ = child.kill().await;
-                Err(ContainerError::DeadlineExceeded(format!(
-                    "command {cmd:?} in container {} timed out after {timeout} s",
-                    r.id
-                )))
-            }
-        };
-        let _ = std::fs::remove_file(&pid_file);
-        out
+                Err(_) => {
+                    // The exec'd process (and what it started), not only the
+                    // runtime: it must be gone. Under load the runtime may not
+                    // have written its pid yet: wait for it while it runs.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let pid = std::fs::read_to_string(&pid_file)
+                            .ok()
+                            .and_then(|s| s.trim().parse::<i32>().ok());
+                        if let Some(pid) = pid {
+                            kill_tree(pid);
+                            break;
+                        }
+                        if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = child.kill().await;
+                    Err(ContainerError::DeadlineExceeded(format!(
+                        "command {cmd:?} in container {id} timed out after {timeout} s"
+                    )))
+                }
+            };
+            let _ = std::fs::remove_file(&pid_file);
+            out
+        });
+        task.await
+            .map_err(|e| ContainerError::Internal(format!("exec task: {e}")))?
     }
 
     pub fn stats(&self, r: &Record) -> proto::ContainerStats {
@@ -983,7 +1014,10 @@ impl Containers {
             Ok::<(), ContainerError>(())
         };
         if res.memory_limit_in_bytes > 0 {
-            write("memory.limit_in_bytes", res.memory_limit_in_bytes.to_string())?;
+            write(
+                "memory.limit_in_bytes",
+                res.memory_limit_in_bytes.to_string(),
+            )?;
             write("memory.max", res.memory_limit_in_bytes.to_string())?;
         }
         if res.cpu_period > 0 {
@@ -992,7 +1026,11 @@ impl Containers {
         if res.cpu_quota != 0 {
             write("cpu.cfs_quota_us", res.cpu_quota.to_string())?;
             if res.cpu_quota > 0 {
-                let period = if res.cpu_period > 0 { res.cpu_period } else { 100_000 };
+                let period = if res.cpu_period > 0 {
+                    res.cpu_period
+                } else {
+                    100_000
+                };
                 write("cpu.max", format!("{} {period}", res.cpu_quota))?;
             }
         }
