@@ -317,7 +317,7 @@ impl Containers {
         };
         r.state = State::Exited;
         r.exit_code = e.exit_code;
-        r.finished_at = e.finished_at;
+        r.finished_at = e.finished_at.max(r.started_at);
         let oom = self
             .cells
             .backend()
@@ -663,6 +663,9 @@ impl Containers {
                 )))
             }
         }
+        // Taken before: a quick container may have exited (and recorded
+        // its finish time) by the time `start` returns.
+        let started = crun::now_ns();
         let out = self
             .crun
             .command(&self.crun_root, None)
@@ -681,7 +684,12 @@ impl Containers {
         if let Some(rec) = t.get_mut(&r.id) {
             if rec.state == State::Created {
                 rec.state = State::Running;
-                rec.started_at = crun::now_ns();
+            }
+            if rec.started_at == 0 {
+                rec.started_at = started;
+            }
+            if rec.finished_at != 0 && rec.finished_at < rec.started_at {
+                rec.finished_at = rec.started_at;
             }
             let rec = rec.clone();
             drop(t);
@@ -887,6 +895,10 @@ impl Containers {
                             .and_then(|s| s.trim().parse::<i32>().ok());
                         if let Some(pid) = pid {
                             kill_tree(pid);
+                            // The runtime reaps it (a zombie still shows in
+                            // ps/pgrep inside the container until then).
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
                             break;
                         }
                         if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
