@@ -552,7 +552,7 @@ async fn containers_run_log_exec_stop_and_remove() {
     assert!(st
         .memory
         .as_ref()
-        .and_then(|m| m.working_set_bytes.clone())
+        .and_then(|m| m.working_set_bytes)
         .is_some());
 
     // Stop: SIGTERM is trapped → exit 7.

@@ -1069,15 +1069,11 @@ fn cell_spec(cell: &str, res: &proto::LinuxContainerResources) -> Cell {
     let cpu = (res.cpu_quota > 0 || res.cpu_shares > 0).then(|| CpuController {
         weight: (res.cpu_shares > 0).then(|| shares_to_weight(res.cpu_shares as u64)),
         max: (res.cpu_quota > 0).then_some(res.cpu_quota.max(1000)),
-        period: (res.cpu_quota > 0)
-            .then(|| {
-                if res.cpu_period > 0 {
-                    res.cpu_period as u64
-                } else {
-                    100_000
-                }
-            })
-            .map(|p| p.clamp(1000, 1_000_000)),
+        period: (res.cpu_quota > 0).then_some(if res.cpu_period > 0 {
+            (res.cpu_period as u64).clamp(1000, 1_000_000)
+        } else {
+            100_000
+        }),
     });
     Cell {
         name: cell.to_owned(),

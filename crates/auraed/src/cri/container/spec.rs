@@ -674,9 +674,10 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
 
     let ns = sc.namespace_options.clone().unwrap_or_default();
     let mut namespaces = vec![json!({"type": "mount"})];
-    let mut join = |kind: &str, p: &Option<PathBuf>| match p {
-        Some(p) => namespaces.push(json!({"type": kind, "path": p})),
-        None => {}
+    let mut join = |kind: &str, p: &Option<PathBuf>| {
+        if let Some(p) = p {
+            namespaces.push(json!({"type": kind, "path": p}));
+        }
     };
     join("network", &i.pod.network);
     join("ipc", &i.pod.ipc);
