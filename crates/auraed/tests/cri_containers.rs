@@ -704,6 +704,19 @@ async fn containers_share_the_pod_network_and_oom_is_reported() {
     assert_ne!(s.exit_code, 0);
     assert_eq!(s.reason, "OOMKilled", "{s:?}");
 
+    // A crash of the daemon: the containers run on (their monitors are not
+    // its children), are listed again and still answer.
+    env.cri.daemon.restart(libc::SIGKILL, None).await;
+    env.rt = RuntimeServiceClient::new(channel(&env.cri.socket).await);
+    let s = cstatus(&mut env, &a).await;
+    assert_eq!(s.state, proto::ContainerState::ContainerRunning as i32);
+    let s = cstatus(&mut env, &hog).await;
+    assert_eq!(s.reason, "OOMKilled");
+    let out = exec(&mut env, &b, &["/bin/busybox", "echo", "still"], 10)
+        .await
+        .expect("exec after the restart");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still\n");
+
     // Removing the pod removes its containers.
     env.rt
         .stop_pod_sandbox(proto::StopPodSandboxRequest {
