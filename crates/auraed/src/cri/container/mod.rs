@@ -76,6 +76,8 @@ pub enum ContainerError {
     Precondition(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    #[error("{0}")]
+    Unimplemented(String),
     #[error(transparent)]
     Cells(#[from] CellsError),
     #[error("{0}")]
@@ -90,6 +92,7 @@ impl From<ContainerError> for tonic::Status {
             ContainerError::AlreadyExists(m) => tonic::Status::already_exists(m),
             ContainerError::Precondition(m) => tonic::Status::failed_precondition(m),
             ContainerError::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
+            ContainerError::Unimplemented(m) => tonic::Status::unimplemented(m),
             ContainerError::Cells(c) => c.into(),
             ContainerError::Internal(m) => tonic::Status::internal(m),
         }

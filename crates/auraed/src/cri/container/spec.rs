@@ -579,6 +579,12 @@ fn propagation(p: i32) -> &'static str {
 fn cri_mounts(mounts: &[proto::Mount]) -> Result<Vec<Value>, ContainerError> {
     let mut out = Vec::new();
     for m in mounts {
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(ContainerError::Unimplemented(format!(
+                "mounts: image volumes ({}) are not supported yet",
+                m.container_path
+            )));
+        }
         if m.container_path.is_empty() || m.host_path.is_empty() {
             return Err(ContainerError::Invalid(
                 "mounts: container_path and host_path are required".into(),
