@@ -532,6 +532,7 @@ impl Containers {
             pod,
             sandbox_files,
             sysctls,
+            hostname: sandbox_config.hostname.clone(),
         })?;
         let bytes =
             serde_json::to_vec_pretty(&oci).map_err(|e| ContainerError::Internal(e.to_string()))?;

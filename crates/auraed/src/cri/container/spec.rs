@@ -564,6 +564,8 @@ pub struct Inputs<'a> {
     pub sandbox_files: Vec<(String, PathBuf)>,
     /// The container's own sysctls (from the pod's config).
     pub sysctls: BTreeMap<String, String>,
+    /// The pod's hostname ("" for none).
+    pub hostname: String,
 }
 
 fn propagation(p: i32) -> &'static str {
@@ -742,6 +744,11 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
             "sysctl": i.sysctls,
         },
     });
+    // The pod's hostname, set in the UTS namespace the container is in
+    // (the pod's: every container sets the same; never the host's).
+    if !i.hostname.is_empty() && namespaces.iter().any(|n| n["type"] == "uts") {
+        spec["hostname"] = json!(i.hostname);
+    }
     // Bidirectional mounts need the rootfs shared, host-to-container ones
     // at least slave (containerd's rule), or propagation stops there.
     if c.mounts.iter().any(|m| m.propagation == 2) {
