@@ -506,6 +506,19 @@ async fn containers_run_log_exec_stop_and_remove() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1234\n2345\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
     assert_eq!(out.exit_code, 3);
+    // As critest does it: the client's deadline is the timeout too (the
+    // server must still kill the command once the client has gone).
+    let mut req = tonic::Request::new(proto::ExecSyncRequest {
+        container_id: id2.clone(),
+        cmd: vec!["/bin/busybox".into(), "sleep".into(), "4321".into()],
+        timeout: 1,
+    });
+    req.set_timeout(Duration::from_secs(1));
+    let e = env.rt.exec_sync(req).await.expect_err("timeout");
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
     let e = exec(&mut env, &id2, &["/bin/sh", "-c", "sleep 30"], 1)
         .await
         .expect_err("timeout");
@@ -513,7 +526,7 @@ async fn containers_run_log_exec_stop_and_remove() {
     let out = exec(
         &mut env,
         &id2,
-        &["/bin/sh", "-c", "ps -o args | grep '[s]leep 30' || true"],
+        &["/bin/sh", "-c", "ps -o args | grep '[s]leep [34]' || true"],
         10,
     )
     .await
@@ -521,7 +534,7 @@ async fn containers_run_log_exec_stop_and_remove() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "",
-        "the timed-out process is gone"
+        "the timed-out processes are gone"
     );
 
     // Stats of a running container.
@@ -539,7 +552,7 @@ async fn containers_run_log_exec_stop_and_remove() {
     assert!(st
         .memory
         .as_ref()
-        .and_then(|m| m.working_set_bytes.clone())
+        .and_then(|m| m.working_set_bytes)
         .is_some());
 
     // Stop: SIGTERM is trapped → exit 7.
@@ -690,6 +703,19 @@ async fn containers_share_the_pod_network_and_oom_is_reported() {
     let s = wait_exited(&mut env, &hog).await;
     assert_ne!(s.exit_code, 0);
     assert_eq!(s.reason, "OOMKilled", "{s:?}");
+
+    // A crash of the daemon: the containers run on (their monitors are not
+    // its children), are listed again and still answer.
+    env.cri.daemon.restart(libc::SIGKILL, None).await;
+    env.rt = RuntimeServiceClient::new(channel(&env.cri.socket).await);
+    let s = cstatus(&mut env, &a).await;
+    assert_eq!(s.state, proto::ContainerState::ContainerRunning as i32);
+    let s = cstatus(&mut env, &hog).await;
+    assert_eq!(s.reason, "OOMKilled");
+    let out = exec(&mut env, &b, &["/bin/busybox", "echo", "still"], 10)
+        .await
+        .expect("exec after the restart");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still\n");
 
     // Removing the pod removes its containers.
     env.rt

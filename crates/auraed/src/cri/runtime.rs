@@ -497,7 +497,12 @@ impl RuntimeService for RuntimeServiceImpl {
             .filter(|r| {
                 filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
             })
-            .filter(|r| filter.state.as_ref().is_none_or(|s| s.state == r.state.cri()))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == r.state.cri())
+            })
             .filter(|r| {
                 filter
                     .label_selector

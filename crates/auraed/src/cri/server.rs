@@ -146,10 +146,10 @@ fn reason(path: &str) -> String {
     let method = path.rsplit('/').next().unwrap_or(path);
     let what = if method.contains("PodSandbox") {
         "pod sandboxes on cells are not implemented yet"
-    } else if method.contains("Container")
-        || ["ExecSync", "Exec", "Attach", "PortForward"].contains(&method)
-    {
-        "containers are not implemented yet"
+    } else if ["Exec", "Attach", "PortForward"].contains(&method) {
+        "streaming (exec, attach, port-forward) is not implemented yet"
+    } else if method.contains("Container") {
+        "container checkpoints and events are not implemented yet"
     } else if method.starts_with("Stream") {
         "the streaming list RPCs are not implemented yet"
     } else {
@@ -210,6 +210,6 @@ mod tests {
             assert!(r.starts_with(&p[1..]), "{r}");
             assert!(!r.contains('%') && r.is_ascii() && http::HeaderValue::from_str(&r).is_ok());
         }
-        assert!(reason("/runtime.v1.RuntimeService/ExecSync").contains("containers"));
+        assert!(reason("/runtime.v1.RuntimeService/Exec").contains("streaming"));
     }
 }

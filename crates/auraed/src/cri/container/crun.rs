@@ -101,10 +101,17 @@ pub struct Runtime {
 }
 
 fn find(name: &str) -> Option<PathBuf> {
-    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin", "/sbin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    [
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/bin",
+        "/sbin",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(name))
+    .find(|p| p.is_file())
 }
 
 /// A hybrid host whose v2 tree holds controllers (crun's refusal).
@@ -120,13 +127,25 @@ impl Runtime {
         match (crun, runc) {
             (Some(c), Some(r)) => {
                 if hybrid_with_v2_controllers() {
-                    Runtime { path: r, runc: true }
+                    Runtime {
+                        path: r,
+                        runc: true,
+                    }
                 } else {
-                    Runtime { path: c, runc: false }
+                    Runtime {
+                        path: c,
+                        runc: false,
+                    }
                 }
             }
-            (Some(c), None) => Runtime { path: c, runc: false },
-            (None, Some(r)) => Runtime { path: r, runc: true },
+            (Some(c), None) => Runtime {
+                path: c,
+                runc: false,
+            },
+            (None, Some(r)) => Runtime {
+                path: r,
+                runc: true,
+            },
             (None, None) => Runtime {
                 path: PathBuf::from("crun"),
                 runc: false,
@@ -254,16 +273,19 @@ fn run_monitor(dir: &Path, status: &mut Option<File>) -> io::Result<()> {
     let pid_file = dir.join("init.pid");
     let _ = std::fs::remove_file(&pid_file);
     let mut cmd = Command::new(&cfg.runtime.path);
-    cmd.args(cfg.runtime.global_args(&cfg.root, Some(&dir.join(CRUN_LOG))))
-        .arg("create")
-        .arg("--bundle")
-        .arg(&cfg.bundle)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(&cfg.id)
-        .stdin(stdin)
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w));
+    cmd.args(
+        cfg.runtime
+            .global_args(&cfg.root, Some(&dir.join(CRUN_LOG))),
+    )
+    .arg("create")
+    .arg("--bundle")
+    .arg(&cfg.bundle)
+    .arg("--pid-file")
+    .arg(&pid_file)
+    .arg(&cfg.id)
+    .stdin(stdin)
+    .stdout(Stdio::from(out_w))
+    .stderr(Stdio::from(err_w));
     // SAFETY: only write(2) on fds opened before the fork.
     unsafe {
         cmd.pre_exec(move || {

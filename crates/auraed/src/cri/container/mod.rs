@@ -76,6 +76,8 @@ pub enum ContainerError {
     Precondition(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    #[error("{0}")]
+    Unimplemented(String),
     #[error(transparent)]
     Cells(#[from] CellsError),
     #[error("{0}")]
@@ -90,6 +92,7 @@ impl From<ContainerError> for tonic::Status {
             ContainerError::AlreadyExists(m) => tonic::Status::already_exists(m),
             ContainerError::Precondition(m) => tonic::Status::failed_precondition(m),
             ContainerError::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
+            ContainerError::Unimplemented(m) => tonic::Status::unimplemented(m),
             ContainerError::Cells(c) => c.into(),
             ContainerError::Internal(m) => tonic::Status::internal(m),
         }
@@ -317,7 +320,7 @@ impl Containers {
         };
         r.state = State::Exited;
         r.exit_code = e.exit_code;
-        r.finished_at = e.finished_at;
+        r.finished_at = e.finished_at.max(r.started_at);
         let oom = self
             .cells
             .backend()
@@ -420,7 +423,16 @@ impl Containers {
         let cell = format!("{}/c-{}", sandbox.cell, &id[..16]);
         let mut made = Made::default();
         let res = self
-            .create_in(&id, &dir, &cell, &sandbox, &config, &req.sandbox_config, &image, &mut made)
+            .create_in(
+                &id,
+                &dir,
+                &cell,
+                &sandbox,
+                &config,
+                &req.sandbox_config,
+                &image,
+                &mut made,
+            )
             .await;
         match res {
             Ok(mut r) => {
@@ -486,8 +498,8 @@ impl Containers {
             .unwrap_or_default();
         let spec_cell = cell_spec(cell, &res);
         let name = CellName::parse("cell", cell).map_err(CellsError::from)?;
-        let limits = crate::services::cells::validation::limits(&spec_cell)
-            .map_err(CellsError::from)?;
+        let limits =
+            crate::services::cells::validation::limits(&spec_cell).map_err(CellsError::from)?;
         self.cells.allocate(name, spec_cell, limits).await?;
         made.cell = true;
 
@@ -506,7 +518,12 @@ impl Containers {
         let sysctls = sandbox_config
             .linux
             .as_ref()
-            .map(|l| l.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|l| {
+                l.sysctls
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let (oci, user) = spec::build(&spec::Inputs {
             config,
@@ -515,6 +532,7 @@ impl Containers {
             pod,
             sandbox_files,
             sysctls,
+            hostname: sandbox_config.hostname.clone(),
         })?;
         let bytes =
             serde_json::to_vec_pretty(&oci).map_err(|e| ContainerError::Internal(e.to_string()))?;
@@ -553,7 +571,11 @@ impl Containers {
             attempt: 0,
             image: String::new(),
             image_ref: image.id.clone(),
-            labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             annotations: config
                 .annotations
                 .iter()
@@ -608,7 +630,9 @@ impl Containers {
     }
 
     async fn crun_delete(&self, id: &str) {
-        let out = self.crun.command(&self.crun_root, None)
+        let out = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["delete", "--force", id])
             .output()
             .await;
@@ -647,7 +671,12 @@ impl Containers {
                 )))
             }
         }
-        let out = self.crun.command(&self.crun_root, None)
+        // Taken before: a quick container may have exited (and recorded
+        // its finish time) by the time `start` returns.
+        let started = crun::now_ns();
+        let out = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["start", &r.id])
             .output()
             .await
@@ -663,7 +692,12 @@ impl Containers {
         if let Some(rec) = t.get_mut(&r.id) {
             if rec.state == State::Created {
                 rec.state = State::Running;
-                rec.started_at = crun::now_ns();
+            }
+            if rec.started_at == 0 {
+                rec.started_at = started;
+            }
+            if rec.finished_at != 0 && rec.finished_at < rec.started_at {
+                rec.finished_at = rec.started_at;
             }
             let rec = rec.clone();
             drop(t);
@@ -673,7 +707,9 @@ impl Containers {
     }
 
     async fn kill(&self, r: &Record, signal: &str) {
-        let _ = self.crun.command(&self.crun_root, None)
+        let _ = self
+            .crun
+            .command(&self.crun_root, None)
             .args(["kill", &r.id, signal])
             .output()
             .await;
@@ -826,58 +862,69 @@ impl Containers {
         }
         let mut child = c.spawn().map_err(internal("crun exec"))?;
         drop(procs);
-        let mut so = child.stdout.take();
-        let mut se = child.stderr.take();
-        let run = async {
-            let (a, b) = tokio::join!(read_capped(so.as_mut()), read_capped(se.as_mut()));
-            (a, b)
-        };
-        let res = if timeout > 0 {
-            tokio::time::timeout(Duration::from_secs(timeout as u64), run).await
-        } else {
-            Ok(run.await)
-        };
-        let out = match res {
-            Ok((stdout, stderr)) => {
-                let st = child.wait().await.map_err(internal("crun exec"))?;
-                use std::os::unix::process::ExitStatusExt;
-                let code = st
-                    .code()
-                    .or_else(|| st.signal().map(|s| 128 + s))
-                    .unwrap_or(255);
-                Ok(proto::ExecSyncResponse {
-                    stdout,
-                    stderr,
-                    exit_code: code,
-                })
-            }
-            Err(_) => {
-                // The exec'd process (and what it started), not only the
-                // runtime: it must be gone. Under load the runtime may not
-                // have written its pid yet: wait for it while it runs.
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let pid = std::fs::read_to_string(&pid_file)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i32>().ok());
-                    if let Some(pid) = pid {
-                        kill_tree(pid);
-                        break;
-                    }
-                    if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        // In a task of its own: the client gives up at its deadline (which
+        // drops this future), yet the command must still be killed.
+        let cmd = cmd.to_vec();
+        let id = r.id.clone();
+        let task = tokio::spawn(async move {
+            let mut so = child.stdout.take();
+            let mut se = child.stderr.take();
+            let run = async {
+                let (a, b) = tokio::join!(read_capped(so.as_mut()), read_capped(se.as_mut()));
+                (a, b)
+            };
+            let res = if timeout > 0 {
+                tokio::time::timeout(Duration::from_secs(timeout as u64), run).await
+            } else {
+                Ok(run.await)
+            };
+            let out = match res {
+                Ok((stdout, stderr)) => {
+                    let st = child.wait().await.map_err(internal("crun exec"))?;
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = st
+                        .code()
+                        .or_else(|| st.signal().map(|s| 128 + s))
+                        .unwrap_or(255);
+                    Ok(proto::ExecSyncResponse {
+                        stdout,
+                        stderr,
+                        exit_code: code,
+                    })
                 }
-                let _ = child.kill().await;
-                Err(ContainerError::DeadlineExceeded(format!(
-                    "command {cmd:?} in container {} timed out after {timeout} s",
-                    r.id
-                )))
-            }
-        };
-        let _ = std::fs::remove_file(&pid_file);
-        out
+                Err(_) => {
+                    // The exec'd process (and what it started), not only the
+                    // runtime: it must be gone. Under load the runtime may not
+                    // have written its pid yet: wait for it while it runs.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let pid = std::fs::read_to_string(&pid_file)
+                            .ok()
+                            .and_then(|s| s.trim().parse::<i32>().ok());
+                        if let Some(pid) = pid {
+                            kill_tree(pid);
+                            // The runtime reaps it (a zombie still shows in
+                            // ps/pgrep inside the container until then).
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                            break;
+                        }
+                        if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = child.kill().await;
+                    Err(ContainerError::DeadlineExceeded(format!(
+                        "command {cmd:?} in container {id} timed out after {timeout} s"
+                    )))
+                }
+            };
+            let _ = std::fs::remove_file(&pid_file);
+            out
+        });
+        task.await
+            .map_err(|e| ContainerError::Internal(format!("exec task: {e}")))?
     }
 
     pub fn stats(&self, r: &Record) -> proto::ContainerStats {
@@ -987,7 +1034,10 @@ impl Containers {
             Ok::<(), ContainerError>(())
         };
         if res.memory_limit_in_bytes > 0 {
-            write("memory.limit_in_bytes", res.memory_limit_in_bytes.to_string())?;
+            write(
+                "memory.limit_in_bytes",
+                res.memory_limit_in_bytes.to_string(),
+            )?;
             write("memory.max", res.memory_limit_in_bytes.to_string())?;
         }
         if res.cpu_period > 0 {
@@ -996,7 +1046,11 @@ impl Containers {
         if res.cpu_quota != 0 {
             write("cpu.cfs_quota_us", res.cpu_quota.to_string())?;
             if res.cpu_quota > 0 {
-                let period = if res.cpu_period > 0 { res.cpu_period } else { 100_000 };
+                let period = if res.cpu_period > 0 {
+                    res.cpu_period
+                } else {
+                    100_000
+                };
                 write("cpu.max", format!("{} {period}", res.cpu_quota))?;
             }
         }
@@ -1023,15 +1077,11 @@ fn cell_spec(cell: &str, res: &proto::LinuxContainerResources) -> Cell {
     let cpu = (res.cpu_quota > 0 || res.cpu_shares > 0).then(|| CpuController {
         weight: (res.cpu_shares > 0).then(|| shares_to_weight(res.cpu_shares as u64)),
         max: (res.cpu_quota > 0).then_some(res.cpu_quota.max(1000)),
-        period: (res.cpu_quota > 0)
-            .then(|| {
-                if res.cpu_period > 0 {
-                    res.cpu_period as u64
-                } else {
-                    100_000
-                }
-            })
-            .map(|p| p.clamp(1000, 1_000_000)),
+        period: (res.cpu_quota > 0).then_some(if res.cpu_period > 0 {
+            (res.cpu_period as u64).clamp(1000, 1_000_000)
+        } else {
+            100_000
+        }),
     });
     Cell {
         name: cell.to_owned(),

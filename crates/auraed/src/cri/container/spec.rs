@@ -266,11 +266,15 @@ pub fn user(
     };
     let by_name = |n: &str| pw.iter().find(|p| p.name == n);
     let (uid, mut gid, name) = if let Some(u) = sc.and_then(|s| s.run_as_user.as_ref()) {
-        let uid = u32::try_from(u.value)
-            .map_err(|_| ContainerError::Invalid(format!("run_as_user {} is out of range", u.value)))?;
+        let uid = u32::try_from(u.value).map_err(|_| {
+            ContainerError::Invalid(format!("run_as_user {} is out of range", u.value))
+        })?;
         let p = pw.iter().find(|p| p.uid == uid);
         (uid, p.map(|p| p.gid), p.map(|p| p.name.clone()))
-    } else if let Some(n) = sc.map(|s| s.run_as_username.as_str()).filter(|n| !n.is_empty()) {
+    } else if let Some(n) = sc
+        .map(|s| s.run_as_username.as_str())
+        .filter(|n| !n.is_empty())
+    {
         let p = by_name(n).ok_or_else(|| {
             ContainerError::Invalid(format!("user {n:?} is not in the image's /etc/passwd"))
         })?;
@@ -389,17 +393,55 @@ fn own_bounding_set() -> Option<u64> {
 /// keyrings, BPF/perf, userfaultfd, handles), plus the cap-gated ones
 /// unless the container holds the capability.
 const DENIED_ALWAYS: &[&str] = &[
-    "acct", "add_key", "bpf", "create_module", "delete_module", "finit_module",
-    "get_kernel_syms", "init_module", "ioperm", "iopl", "kcmp", "kexec_file_load",
-    "kexec_load", "keyctl", "lookup_dcookie", "nfsservctl", "open_by_handle_at",
-    "perf_event_open", "query_module", "reboot", "request_key", "swapoff", "swapon",
-    "_sysctl", "sysfs", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
+    "acct",
+    "add_key",
+    "bpf",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "query_module",
+    "reboot",
+    "request_key",
+    "swapoff",
+    "swapon",
+    "_sysctl",
+    "sysfs",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
 ];
 const DENIED_WITHOUT_SYS_ADMIN: &[&str] = &[
-    "mount", "umount", "umount2", "unshare", "setns", "pivot_root", "name_to_handle_at",
-    "quotactl", "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "fspick",
+    "mount",
+    "umount",
+    "umount2",
+    "unshare",
+    "setns",
+    "pivot_root",
+    "name_to_handle_at",
+    "quotactl",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "move_mount",
+    "open_tree",
+    "fspick",
 ];
-const DENIED_WITHOUT_SYS_TIME: &[&str] = &["settimeofday", "stime", "clock_settime", "clock_adjtime"];
+const DENIED_WITHOUT_SYS_TIME: &[&str] =
+    &["settimeofday", "stime", "clock_settime", "clock_adjtime"];
 
 fn default_seccomp(caps: &[String]) -> Value {
     let mut names: Vec<&str> = DENIED_ALWAYS.to_vec();
@@ -424,7 +466,13 @@ fn localhost_seccomp(path: &str) -> Result<Value, ContainerError> {
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| ContainerError::Invalid(format!("seccomp profile {path}: {e}")))?;
     let mut out = serde_json::Map::new();
-    for k in ["defaultAction", "defaultErrnoRet", "architectures", "flags", "listenerPath"] {
+    for k in [
+        "defaultAction",
+        "defaultErrnoRet",
+        "architectures",
+        "flags",
+        "listenerPath",
+    ] {
         if let Some(x) = v.get(k) {
             out.insert(k.into(), x.clone());
         }
@@ -444,7 +492,12 @@ fn localhost_seccomp(path: &str) -> Result<Value, ContainerError> {
         }
     }
     let mut syscalls = Vec::new();
-    for sc in v.get("syscalls").and_then(|s| s.as_array()).into_iter().flatten() {
+    for sc in v
+        .get("syscalls")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
         let mut c = serde_json::Map::new();
         let names = match (sc.get("names"), sc.get("name")) {
             (Some(n), _) => n.clone(),
@@ -511,6 +564,8 @@ pub struct Inputs<'a> {
     pub sandbox_files: Vec<(String, PathBuf)>,
     /// The container's own sysctls (from the pod's config).
     pub sysctls: BTreeMap<String, String>,
+    /// The pod's hostname ("" for none).
+    pub hostname: String,
 }
 
 fn propagation(p: i32) -> &'static str {
@@ -526,6 +581,12 @@ fn propagation(p: i32) -> &'static str {
 fn cri_mounts(mounts: &[proto::Mount]) -> Result<Vec<Value>, ContainerError> {
     let mut out = Vec::new();
     for m in mounts {
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(ContainerError::Unimplemented(format!(
+                "mounts: image volumes ({}) are not supported yet",
+                m.container_path
+            )));
+        }
         if m.container_path.is_empty() || m.host_path.is_empty() {
             return Err(ContainerError::Invalid(
                 "mounts: container_path and host_path are required".into(),
@@ -576,7 +637,12 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
     let ambient: Vec<String> = sc
         .capabilities
         .as_ref()
-        .map(|c| c.add_ambient_capabilities.iter().map(|a| cap_name(a)).collect())
+        .map(|c| {
+            c.add_ambient_capabilities
+                .iter()
+                .map(|a| cap_name(a))
+                .collect()
+        })
         .unwrap_or_default();
 
     // Mounts: the standard ones (oci-spec's defaults), the sandbox's files,
@@ -616,9 +682,10 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
 
     let ns = sc.namespace_options.clone().unwrap_or_default();
     let mut namespaces = vec![json!({"type": "mount"})];
-    let mut join = |kind: &str, p: &Option<PathBuf>| match p {
-        Some(p) => namespaces.push(json!({"type": kind, "path": p})),
-        None => {}
+    let mut join = |kind: &str, p: &Option<PathBuf>| {
+        if let Some(p) = p {
+            namespaces.push(json!({"type": kind, "path": p}));
+        }
     };
     join("network", &i.pod.network);
     join("ipc", &i.pod.ipc);
@@ -677,6 +744,11 @@ pub fn build(i: &Inputs<'_>) -> Result<(Value, User), ContainerError> {
             "sysctl": i.sysctls,
         },
     });
+    // The pod's hostname, set in the UTS namespace the container is in
+    // (the pod's: every container sets the same; never the host's).
+    if !i.hostname.is_empty() && namespaces.iter().any(|n| n["type"] == "uts") {
+        spec["hostname"] = json!(i.hostname);
+    }
     // Bidirectional mounts need the rootfs shared, host-to-container ones
     // at least slave (containerd's rule), or propagation stops there.
     if c.mounts.iter().any(|m| m.propagation == 2) {
@@ -738,10 +810,16 @@ mod tests {
             "root:x:0:0::/root:/bin/sh\nwww:x:33:34::/:/bin/sh\n",
         )
         .expect("write");
-        std::fs::write(d.path().join("etc/group"), "root:x:0:\ndata:x:34:\nextra:x:50:www\n")
-            .expect("write");
+        std::fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\ndata:x:34:\nextra:x:50:www\n",
+        )
+        .expect("write");
         let u = user(d.path(), "www", None).expect("www");
-        assert_eq!((u.uid, u.gid, u.additional_gids.clone()), (33, 34, vec![50]));
+        assert_eq!(
+            (u.uid, u.gid, u.additional_gids.clone()),
+            (33, 34, vec![50])
+        );
         let u = user(d.path(), "1000:data", None).expect("1000");
         assert_eq!((u.uid, u.gid), (1000, 34));
         let sc = proto::LinuxContainerSecurityContext {
