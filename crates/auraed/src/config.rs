@@ -142,6 +142,12 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
 
+    /// Where the CRI streaming server (Exec, Attach, PortForward URLs)
+    /// listens: plain HTTP with SPDY upgrades, so loopback only by default;
+    /// port 0 picks a free port (the URLs name the bound one).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub cri_streaming_addr: std::net::SocketAddr,
+
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -209,6 +215,11 @@ mod tests {
     fn cri_is_off_unless_asked_for() {
         let c = Config::try_parse_from(["auraed"]).expect("defaults parse");
         assert_eq!(c.cri_socket, None);
+        // The streaming server: loopback, any free port, unless told.
+        assert_eq!(c.cri_streaming_addr.to_string(), "127.0.0.1:0");
+        let c = Config::try_parse_from(["auraed", "--cri-streaming-addr", "127.0.0.1:10010"])
+            .expect("addr");
+        assert_eq!(c.cri_streaming_addr.port(), 10010);
         let c = Config::try_parse_from(["auraed", "--cri-socket", "-v"]).expect("bare flag");
         assert_eq!(c.cri_socket, Some(PathBuf::from(DEFAULT_CRI_SOCKET)));
         let c = Config::try_parse_from(["auraed", "--cri-socket", "/tmp/x.sock"]).expect("path");

@@ -8,9 +8,11 @@
 //! `auraed-cri` crate; `runtime.rs` is the RuntimeService (pods and
 //! containers on cells), `server.rs` binds the socket and serves both.
 
+pub mod container;
 mod runtime;
 pub mod sandbox;
 mod server;
+pub mod streaming;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,8 @@ pub struct CriSettings {
     pub registry_config_dir: PathBuf,
     /// CNI network configuration (NetworkReady in Status).
     pub cni_conf_dir: PathBuf,
+    /// The streaming server's listen address (`streaming/`).
+    pub streaming_addr: std::net::SocketAddr,
 }
 
 impl CriSettings {
@@ -39,6 +43,7 @@ impl CriSettings {
             library_dir: config.library_dir.clone(),
             registry_config_dir: config.registry_config_dir.clone(),
             cni_conf_dir: config.cni_conf_dir.clone(),
+            streaming_addr: config.cri_streaming_addr,
         })
     }
 }

@@ -75,7 +75,7 @@ pub struct Sandbox {
 }
 
 /// The CRI's namespace modes (runtime.v1.NamespaceMode).
-const MODE_NODE: i32 = 2;
+pub const MODE_NODE: i32 = 2;
 
 pub struct NewSandbox {
     pub name: String,
@@ -203,6 +203,13 @@ impl Sandboxes {
             (Some(one), None) if !id.is_empty() => Some(one.clone()),
             _ => None,
         }
+    }
+
+    /// The pid of the process holding the sandbox's namespaces, if its
+    /// cell is ready and has one.
+    pub fn holder_pid(&self, s: &Sandbox) -> Option<i32> {
+        let name = CellName::parse("cell", &s.cell).ok()?;
+        self.cells.holder_pid(&name)
     }
 
     pub fn list(&self) -> Vec<Sandbox> {

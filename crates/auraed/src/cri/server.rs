@@ -31,8 +31,12 @@ pub enum CriError {
     InUse(PathBuf),
     #[error("CRI pod sandboxes: {0}")]
     Sandboxes(#[from] super::sandbox::SandboxError),
+    #[error(transparent)]
+    Streaming(#[from] super::streaming::StreamingError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
+    #[error("CRI containers: {0}")]
+    Containers(#[from] super::container::ContainerError),
 }
 
 /// Removes the socket file when the server stops.
@@ -73,22 +77,35 @@ pub async fn start(
     token: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CriError> {
     let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
-        cells,
+        cells.clone(),
         &settings.runtime_dir,
     )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
+    let containers = Arc::new(super::container::Containers::open(
+        cells,
+        sandboxes.clone(),
+        store.clone(),
+        &settings.runtime_dir,
+    )?);
     let puller = Arc::new(Puller::new(
         store,
         RegistryHosts::new(&settings.registry_config_dir),
     ));
     let listener = bind(&settings.socket).await?;
     let socket = SocketFile(settings.socket.clone());
+    let streaming =
+        super::streaming::Streaming::start(settings.streaming_addr, token.clone()).await?;
+    let streaming = Arc::new(super::streaming::StreamingRpcs::new(
+        streaming,
+        sandboxes.clone(),
+        settings.runtime_dir.clone(),
+    ));
     let router = tonic::transport::Server::builder()
         .layer(ExplainUnimplementedLayer)
-        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
-            settings.cni_conf_dir.clone(),
-            sandboxes,
-        )))
+        .add_service(RuntimeServiceServer::new(
+            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes, containers)
+                .with_streaming(streaming),
+        ))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
     tracing::info!(
         "Kubernetes CRI serving on {} (plain gRPC; registry hosts from {})",
@@ -129,10 +146,10 @@ fn reason(path: &str) -> String {
     let method = path.rsplit('/').next().unwrap_or(path);
     let what = if method.contains("PodSandbox") {
         "pod sandboxes on cells are not implemented yet"
-    } else if method.contains("Container")
-        || ["ExecSync", "Exec", "Attach", "PortForward"].contains(&method)
-    {
-        "containers are not implemented yet"
+    } else if ["Exec", "Attach", "PortForward"].contains(&method) {
+        "streaming (exec, attach, port-forward) is not implemented yet"
+    } else if method.contains("Container") {
+        "container checkpoints and events are not implemented yet"
     } else if method.starts_with("Stream") {
         "the streaming list RPCs are not implemented yet"
     } else {
@@ -193,6 +210,6 @@ mod tests {
             assert!(r.starts_with(&p[1..]), "{r}");
             assert!(!r.contains('%') && r.is_ascii() && http::HeaderValue::from_str(&r).is_ok());
         }
-        assert!(reason("/runtime.v1.RuntimeService/ExecSync").contains("containers"));
+        assert!(reason("/runtime.v1.RuntimeService/Exec").contains("streaming"));
     }
 }

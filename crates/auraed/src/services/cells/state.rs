@@ -153,6 +153,15 @@ impl Cells {
         }
     }
 
+    /// The host pid of the cell's own namespace holder: the process whose
+    /// `/proc/<pid>/ns/*` CRI containers join (their pod's namespaces).
+    /// None when the cell is not ready or does not isolate.
+    pub fn holder_pid(&self, name: &CellName) -> Option<i32> {
+        let e = self.ready(name).ok()?;
+        let h = e.holder.lock().unwrap_or_else(|p| p.into_inner());
+        h.as_ref().map(|h| h.pid.pid)
+    }
+
     /// Names of a cell and its descendants, if it exists (any state).
     pub fn subtree(&self, name: &CellName) -> Option<Vec<CellName>> {
         let t = self.table();
