@@ -20,6 +20,7 @@
 //!   record.json                          our record (Record)
 //!   monitor.json exit.json crun.log      the monitor's input, result, crun's messages
 //!   stdin                                FIFO, for `stdin: true` containers
+//!   container.log                        the output (CRI format) when kubelet gave no log path
 //! ```
 //!
 //! Not yet: tty containers (`terminal` needs a console socket), devices,
@@ -551,7 +552,13 @@ impl Containers {
             root: self.crun_root.clone(),
             id: id.to_owned(),
             bundle: dir.to_owned(),
-            log_path: log_path.clone(),
+            // Without a kubelet log path the output still goes somewhere an
+            // attach can follow (kubelet always gives one; critest may not).
+            log_path: Some(
+                log_path
+                    .clone()
+                    .unwrap_or_else(|| dir.join(crun::FALLBACK_LOG)),
+            ),
             procs_files: self.cells.backend().procs_files(&components(cell)),
             stdin: config.stdin,
         };
