@@ -14,7 +14,8 @@
 //! Layout (a contract with the streaming side: exec/attach):
 //!
 //! ```text
-//! <runtime-dir>/cri/crun/                crun --root (container id = CRI id)
+//! <runtime-dir>/cri/oci-runtime           the runtime's path (crun, or runc: see crun.rs)
+//! <runtime-dir>/cri/crun/                its --root (container id = CRI id)
 //! <runtime-dir>/cri/containers/<id>/
 //!   config.json rootfs/ upper/ work/     the OCI bundle
 //!   record.json                          our record (Record)
@@ -22,6 +23,10 @@
 //!   stdin                                FIFO, for `stdin: true` containers
 //!   container.log                        the output (CRI format) when kubelet gave no log path
 //! ```
+//!
+//! Exec/attach use [`Containers::exec_command`] (`<runtime> --root .. exec
+//! [--tty] <id> CMD`, joined to the container's cgroups),
+//! [`Containers::stdin_fifo`] and [`Containers::output_log`].
 //!
 //! Not yet: tty containers (`terminal` needs a console socket), devices,
 //! seccomp/AppArmor profiles, image volumes, UpdateContainerResources
