@@ -297,6 +297,25 @@ struct Env {
     logs: tempfile::TempDir,
 }
 
+/// A failed assertion must not leave container rootfs mounts behind on
+/// the shared host: whatever the daemon mounted under its directory goes.
+impl Drop for Env {
+    fn drop(&mut self) {
+        let root = self.cri.daemon.dir.path().display().to_string();
+        for line in mounts().lines() {
+            let Some(point) = line.split(' ').nth(4) else {
+                continue;
+            };
+            if point.starts_with(&root) {
+                if let Ok(c) = std::ffi::CString::new(point) {
+                    // SAFETY: a valid NUL-terminated path.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+    }
+}
+
 async fn env() -> Env {
     let reg = Registry::start(None).await;
     publish_busybox(&reg, "ctr/busybox");

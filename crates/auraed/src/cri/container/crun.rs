@@ -53,6 +53,8 @@ pub const MONITOR_CONFIG: &str = "monitor.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const CRUN_LOG: &str = "crun.log";
 pub const STDIN_FIFO: &str = "stdin";
+/// The CRI log of a container kubelet gave no log path.
+pub const FALLBACK_LOG: &str = "container.log";
 /// How long the monitor keeps reading after the init exited while other
 /// processes still hold the pipes.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);

@@ -49,7 +49,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The CRI-format log of a container that kubelet gave no log path (in
 /// its directory `<runtime-dir>/cri/containers/<id>/`): Attach follows it.
-pub const OUTPUT_LOG: &str = "output.log";
+const OUTPUT_LOG: &str = crate::cri::container::FALLBACK_LOG;
 
 pub const HEADER_PROTOCOL: &str = "x-stream-protocol-version";
 const HEADER_ACCEPTED: &str = "x-accepted-stream-protocol-versions";
