@@ -28,6 +28,9 @@ pub const DEFAULT_QEMU_CACHE: &str = "/var/cache/aurae-dev/bin/qemu-system-x86_6
 pub const DEFAULT_CRI_SOCKET: &str = "/run/aurae/cri.sock";
 pub const DEFAULT_REGISTRY_CONFIG_DIR: &str = "/etc/aurae/certs.d";
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Where CNI plugins are looked for, in order: the upstream default, then
+/// where Debian's containernetworking-plugins puts them.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin:/usr/lib/cni";
 
 /// auraed: the Aurae node daemon. Runs and isolates workloads (cells, VMs)
 /// on this machine and serves the Aurae v0 gRPC API with mutual TLS.
@@ -141,6 +144,11 @@ pub struct Config {
     /// CNI network configurations for CRI pods (NetworkReady in Status).
     #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
+
+    /// Directories of CNI plugin executables, colon-separated, searched in
+    /// order (also the plugins' CNI_PATH).
+    #[arg(long, default_value = DEFAULT_CNI_BIN_DIR, value_name = "DIRS")]
+    pub cni_bin_dir: String,
 
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

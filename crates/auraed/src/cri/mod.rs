@@ -8,9 +8,13 @@
 //! `auraed-cri` crate; `runtime.rs` is the RuntimeService (pods and
 //! containers on cells), `server.rs` binds the socket and serves both.
 
+mod cni;
+mod netns;
+mod pod;
 mod runtime;
 pub mod sandbox;
 mod server;
+mod stats;
 
 use std::path::PathBuf;
 
@@ -28,6 +32,8 @@ pub struct CriSettings {
     pub registry_config_dir: PathBuf,
     /// CNI network configuration (NetworkReady in Status).
     pub cni_conf_dir: PathBuf,
+    /// CNI plugin directories, searched in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl CriSettings {
@@ -39,6 +45,9 @@ impl CriSettings {
             library_dir: config.library_dir.clone(),
             registry_config_dir: config.registry_config_dir.clone(),
             cni_conf_dir: config.cni_conf_dir.clone(),
+            cni_bin_dirs: std::env::split_paths(&config.cni_bin_dir)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect(),
         })
     }
 }

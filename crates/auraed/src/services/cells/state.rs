@@ -539,6 +539,17 @@ impl Cells {
             .map(|c| Context::Cell(c.name.clone()))
     }
 
+    /// The host pid of a ready cell's own holder while it runs (whose
+    /// `/proc/<pid>/ns/*` are the cell's namespaces), None otherwise.
+    pub fn holder_pid(&self, name: &CellName) -> Option<i32> {
+        let e = self.ready(name).ok()?;
+        if e.dead_holder().is_some() {
+            return None;
+        }
+        let h = e.holder.lock().unwrap_or_else(|p| p.into_inner());
+        h.as_ref().map(|h| h.pid.pid)
+    }
+
     /// Names of every cell (any state).
     pub fn names(&self) -> Vec<CellName> {
         self.table().keys().cloned().collect()
