@@ -707,7 +707,10 @@ async fn v2_cells_in_the_guest(guest: &Client) {
     // (CFS counts the period in which the quota was last used).
     let periods = file("nr_periods").unwrap_or(0);
     let seen = busy.cpu_periods.unwrap_or(0);
-    assert!((periods..=periods + 2).contains(&seen), "{periods}: {busy:?}");
+    assert!(
+        (periods..=periods + 2).contains(&seen),
+        "{periods}: {busy:?}"
+    );
     assert_eq!(
         busy.cpu_throttled_ns,
         file("throttled_usec").map(|u| u * 1000),

@@ -111,7 +111,10 @@ impl NetConfList {
             return Err("no plugins".into());
         }
         for p in &plugins {
-            if p.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if p.get("type")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
                 return Err("a plugin without \"type\"".into());
             }
         }

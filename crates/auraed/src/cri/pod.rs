@@ -120,7 +120,9 @@ pub fn check_sysctls(
     names.sort();
     for name in names {
         let path = netns::sysctl_path(name).ok_or_else(|| {
-            PodError::Invalid(format!("config.linux.sysctls: {name:?} is not a sysctl name"))
+            PodError::Invalid(format!(
+                "config.linux.sysctls: {name:?} is not a sysctl name"
+            ))
         })?;
         let ok = match netns::sysctl_namespace(&path) {
             None => {
@@ -151,8 +153,7 @@ fn host_hostname() -> String {
 /// resolv.conf from the DNS config (containerd's format); None when it is
 /// empty (then the host's is copied).
 pub fn resolv_conf(spec: &PodSpec) -> Option<String> {
-    if spec.dns_servers.is_empty() && spec.dns_searches.is_empty() && spec.dns_options.is_empty()
-    {
+    if spec.dns_servers.is_empty() && spec.dns_searches.is_empty() && spec.dns_options.is_empty() {
         return None;
     }
     let mut s = String::new();
@@ -223,7 +224,9 @@ impl Pods {
             let pid = holder.ok_or_else(|| PodError::NoHolder(pod.id.to_owned()))?;
             network = Some(self.attach(pod, pid, spec).await?);
         }
-        let result = self.identity(pod, holder, own, spec, network.as_ref()).await;
+        let result = self
+            .identity(pod, holder, own, spec, network.as_ref())
+            .await;
         match result {
             Ok(hostname) => Ok(PodSetup { network, hostname }),
             Err(e) => {
@@ -237,7 +240,12 @@ impl Pods {
     }
 
     /// Pin + ADD; undoes both on failure.
-    async fn attach(&self, pod: PodRef<'_>, pid: i32, spec: &PodSpec) -> Result<PodNetwork, PodError> {
+    async fn attach(
+        &self,
+        pod: PodRef<'_>,
+        pid: i32,
+        spec: &PodSpec,
+    ) -> Result<PodNetwork, PodError> {
         let conf = NetConfList::load(&self.cni.conf_dir)?;
         let path = self.netns_dir.join(pod.id);
         let p = path.clone();
@@ -252,10 +260,7 @@ impl Pods {
             ips: vec![],
             attached: false,
         };
-        let added = self
-            .cni
-            .add(&net.conf, &Self::attachment(pod, &net))
-            .await;
+        let added = self.cni.add(&net.conf, &Self::attachment(pod, &net)).await;
         match added {
             Ok(result) => {
                 net.ips = cni::result_ips(&result);
@@ -329,7 +334,8 @@ impl Pods {
             Some(n) => write("hosts", &hosts_file(&n.ips, &hostname))?,
             None => write(
                 "hosts",
-                &std::fs::read_to_string("/etc/hosts").map_err(file_err(Path::new("/etc/hosts")))?,
+                &std::fs::read_to_string("/etc/hosts")
+                    .map_err(file_err(Path::new("/etc/hosts")))?,
             )?,
         }
         match resolv_conf(spec) {
@@ -365,7 +371,11 @@ impl Pods {
                 .await?;
         } else {
             self.cni
-                .del(&net.conf, &Self::attachment(pod, net), net.result.as_deref())
+                .del(
+                    &net.conf,
+                    &Self::attachment(pod, net),
+                    net.result.as_deref(),
+                )
                 .await?;
         }
         tracing::info!("pod sandbox {}: CNI DEL done", pod.id);
@@ -382,7 +392,11 @@ impl Pods {
         }
         let r = self
             .cni
-            .check(&net.conf, &Self::attachment(pod, net), net.result.as_deref())
+            .check(
+                &net.conf,
+                &Self::attachment(pod, net),
+                net.result.as_deref(),
+            )
             .await;
         Some(r.map_err(PodError::from))
     }
@@ -414,7 +428,10 @@ mod tests {
         let m = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
         assert_eq!(
             check_sysctls(&m("net.ipv4.ip_unprivileged_port_start", "0"), own).expect("ok"),
-            [("net/ipv4/ip_unprivileged_port_start".to_owned(), "0".to_owned())]
+            [(
+                "net/ipv4/ip_unprivileged_port_start".to_owned(),
+                "0".to_owned()
+            )]
         );
         assert!(check_sysctls(&m("kernel.shm_rmid_forced", "1"), own).is_ok());
         assert!(matches!(

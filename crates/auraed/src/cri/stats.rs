@@ -53,7 +53,11 @@ fn attributes(s: &Sandbox) -> proto::PodSandboxAttributes {
             namespace: s.namespace.clone(),
             attempt: s.attempt,
         }),
-        labels: s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         annotations: s
             .annotations
             .iter()
@@ -66,7 +70,12 @@ fn attributes(s: &Sandbox) -> proto::PodSandboxAttributes {
 async fn one(sandboxes: &Sandboxes, s: &Sandbox) -> Option<proto::PodSandboxStats> {
     let (cells, samples) = (sandboxes.cells(), sandboxes.cpu_samples());
     let name = CellName::parse("cell", &s.cell).ok()?;
-    let (_, c) = cells.stats(Some(&name), false).await.ok()?.into_iter().next()?;
+    let (_, c) = cells
+        .stats(Some(&name), false)
+        .await
+        .ok()?
+        .into_iter()
+        .next()?;
     let ts = now_ns();
     let network = if s.network.is_some() {
         cells.holder_pid(&name).and_then(|pid| {
@@ -91,9 +100,7 @@ async fn one(sandboxes: &Sandboxes, s: &Sandbox) -> Option<proto::PodSandboxStat
     } else {
         None // a hostNetwork pod's traffic is the node's
     };
-    let nano_cores = c
-        .cpu_usage_ns
-        .and_then(|u| samples.rate(&s.id, ts, u));
+    let nano_cores = c.cpu_usage_ns.and_then(|u| samples.rate(&s.id, ts, u));
     let available = match (c.memory_limit_bytes, c.memory_working_set_bytes) {
         (Some(l), Some(w)) => Some(l.saturating_sub(w)),
         _ => None,
@@ -154,7 +161,9 @@ pub async fn list_pod_sandbox_stats(
 ) -> Vec<proto::PodSandboxStats> {
     let filter = filter.unwrap_or_default();
     let all = sandboxes.list();
-    sandboxes.cpu_samples().retain(&all.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
+    sandboxes
+        .cpu_samples()
+        .retain(&all.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
     let mut out = Vec::new();
     for s in all.iter().filter(|s| s.ready) {
         if !filter.id.is_empty() && !s.id.starts_with(&filter.id) {
@@ -183,10 +192,7 @@ mod tests {
         let s = CpuSamples::default();
         assert_eq!(s.rate("a", 1_000_000_000, 5_000), None);
         // 0.5 s of cpu in 1 s: half a core.
-        assert_eq!(
-            s.rate("a", 2_000_000_000, 500_005_000),
-            Some(500_000_000)
-        );
+        assert_eq!(s.rate("a", 2_000_000_000, 500_005_000), Some(500_000_000));
         s.retain(&[]);
         assert_eq!(s.rate("a", 3_000_000_000, 600_000_000), None);
     }
