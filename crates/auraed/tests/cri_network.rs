@@ -539,7 +539,7 @@ async fn pods_get_a_cni_network_and_lose_it() {
         .stats;
     assert_eq!(listed.len(), 1);
 
-    assert_eq!(ipam_ips(&net.ipam_dir, &net.host.network), [ip.clone()]);
+    assert_eq!(ipam_ips(&net.ipam_dir, &net.host.network), vec![ip.clone()]);
     assert_eq!(veths_on(&net.host.bridge), 1);
 
     // Stop: DEL (address released, veth gone); twice is fine.

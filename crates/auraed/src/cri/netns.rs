@@ -94,8 +94,8 @@ pub fn unpin_netns(path: &Path) -> Result<(), NsError> {
 
 /// Whether `path` is a mounted namespace file (nsfs).
 pub fn is_pinned(path: &Path) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
 
 /// Namespaces a thread can enter.
