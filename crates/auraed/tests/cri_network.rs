@@ -653,3 +653,43 @@ async fn failed_setups_leave_nothing() {
         .expect("RemovePodSandbox");
     assert!(!files.exists());
 }
+
+#[tokio::test]
+async fn del_works_after_the_holder_and_the_daemon_are_gone() {
+    let Some(mut net) = start().await else { return };
+    let mut rt = RuntimeServiceClient::new(channel(&net.socket).await);
+    let id = run(&mut rt, pod_config(&common::unique("orphan")))
+        .await
+        .expect("RunPodSandbox");
+    let info: serde_json::Value = serde_json::from_str(
+        status(&mut rt, &id)
+            .await
+            .info
+            .get("info")
+            .expect("verbose info"),
+    )
+    .expect("json");
+    let netns = PathBuf::from(info["network"]["netns"].as_str().expect("netns"));
+    let holder = holder_of(&netns);
+    assert_eq!(ipam_ips(&net.ipam_dir, &net.host.network).len(), 1);
+
+    // The holder dies and the daemon crashes: the pinned namespace keeps
+    // the pod's interface, and the record its CNI result.
+    common::signal(holder, libc::SIGKILL);
+    net.daemon.restart(libc::SIGKILL, None).await;
+    let mut rt = RuntimeServiceClient::new(channel(&net.socket).await);
+    assert!(mounted(&netns));
+    assert_eq!(veths_on(&net.host.bridge), 1);
+
+    rt.stop_pod_sandbox(proto::StopPodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    assert!(ipam_ips(&net.ipam_dir, &net.host.network).is_empty());
+    assert_eq!(veths_on(&net.host.bridge), 0);
+    rt.remove_pod_sandbox(proto::RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+        .expect("RemovePodSandbox");
+    assert!(!mounted(&netns) && !netns.exists());
+}

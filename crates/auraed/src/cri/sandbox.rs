@@ -54,6 +54,10 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::AlreadyExists(m) => tonic::Status::already_exists(m),
             SandboxError::Cells(c) => c.into(),
             SandboxError::Pod(PodError::Invalid(m)) => tonic::Status::invalid_argument(m),
+            // The network is not ready (Status says so too).
+            SandboxError::Pod(e @ PodError::Cni(super::cni::CniError::NoConfig(_))) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
             SandboxError::Pod(e) => {
                 tracing::warn!("pod sandbox: {e}");
                 tonic::Status::internal(e.to_string())
