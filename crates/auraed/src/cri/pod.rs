@@ -143,6 +143,16 @@ pub fn check_sysctls(
     Ok(out)
 }
 
+/// The kernel takes up to 64 bytes (and kubelet sends DNS labels).
+pub fn check_hostname(name: &str) -> Result<(), PodError> {
+    if name.len() > 64 || name.contains(['\0', '/', ' ', '\n']) {
+        return Err(PodError::Invalid(format!(
+            "config.hostname: {name:?} is not a hostname (at most 64 bytes, no spaces)"
+        )));
+    }
+    Ok(())
+}
+
 fn host_hostname() -> String {
     nix::unistd::gethostname()
         .ok()

@@ -15,7 +15,7 @@ use auraed_cri::proto::{self, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
 
 use super::{
-    cni::PortMapping,
+    cni::{first_config as first_cni_config, PortMapping},
     pod::PodSpec,
     sandbox::{NewSandbox, Sandbox, Sandboxes},
 };
@@ -58,25 +58,6 @@ fn metadata(s: &Sandbox) -> proto::PodSandboxMetadata {
 
 fn map(m: &std::collections::BTreeMap<String, String>) -> HashMap<String, String> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-/// The first CNI network configuration, as libcni picks it (`.conf`,
-/// `.conflist`, `.json`, in lexical order).
-fn first_cni_config(dir: &std::path::Path) -> Option<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("conf" | "conflist" | "json")
-                )
-        })
-        .collect();
-    files.sort();
-    files.into_iter().next()
 }
 
 /// PortMappings as portmap takes them (those with a host port: kubelet

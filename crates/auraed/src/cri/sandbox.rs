@@ -273,6 +273,7 @@ impl Sandboxes {
             ipc_uts: isolate_process,
         };
         req.pod.sysctls = pod::check_sysctls(&req.sysctls, own)?;
+        pod::check_hostname(&req.pod.hostname)?;
         let _op = self.ops.lock().await;
         if let Some(s) = self.table().values().find(|s| {
             s.name == req.name
