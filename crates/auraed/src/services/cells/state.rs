@@ -153,6 +153,15 @@ impl Cells {
         }
     }
 
+    /// The host pid of the cell's own namespace holder: the process whose
+    /// `/proc/<pid>/ns/*` CRI containers join (their pod's namespaces).
+    /// None when the cell is not ready or does not isolate.
+    pub fn holder_pid(&self, name: &CellName) -> Option<i32> {
+        let e = self.ready(name).ok()?;
+        let h = e.holder.lock().unwrap_or_else(|p| p.into_inner());
+        h.as_ref().map(|h| h.pid.pid)
+    }
+
     /// Names of a cell and its descendants, if it exists (any state).
     pub fn subtree(&self, name: &CellName) -> Option<Vec<CellName>> {
         let t = self.table();
@@ -537,17 +546,6 @@ impl Cells {
             .into_iter()
             .find(|c| c.execs.all().iter().any(|e| e.pid == pid))
             .map(|c| Context::Cell(c.name.clone()))
-    }
-
-    /// The host pid of a ready cell's own holder while it runs (whose
-    /// `/proc/<pid>/ns/*` are the cell's namespaces), None otherwise.
-    pub fn holder_pid(&self, name: &CellName) -> Option<i32> {
-        let e = self.ready(name).ok()?;
-        if e.dead_holder().is_some() {
-            return None;
-        }
-        let h = e.holder.lock().unwrap_or_else(|p| p.into_inner());
-        h.as_ref().map(|h| h.pid.pid)
     }
 
     /// Names of every cell (any state).
