@@ -411,6 +411,7 @@ async fn pods_get_a_cni_network_and_lose_it() {
                 "81".to_owned(),
             ),
             ("kernel.shm_rmid_forced".to_owned(), "1".to_owned()),
+            ("fs.mqueue.msg_max".to_owned(), "100".to_owned()),
         ]
         .into(),
         ..Default::default()
@@ -461,6 +462,10 @@ async fn pods_get_a_cni_network_and_lose_it() {
     assert_eq!(
         in_pod(holder, "-i", &["cat", "/proc/sys/kernel/shm_rmid_forced"]).trim(),
         "1"
+    );
+    assert_eq!(
+        in_pod(holder, "-i", &["cat", "/proc/sys/fs/mqueue/msg_max"]).trim(),
+        "100"
     );
     let host_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .unwrap_or_default();
