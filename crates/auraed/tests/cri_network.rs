@@ -557,6 +557,12 @@ async fn pods_get_a_cni_network_and_lose_it() {
         .expect("StopPodSandbox");
     }
     eprintln!("StopPodSandbox (DEL + free) twice: {:?}", t0.elapsed());
+    let st = status(&mut rt, &id).await.status.expect("status");
+    assert_eq!(
+        st.network.map(|n| n.ip),
+        Some(String::new()),
+        "no IP once DEL ran"
+    );
     assert!(ipam_ips(&net.ipam_dir, &net.host.network).is_empty());
     assert_eq!(veths_on(&net.host.bridge), 0);
     assert!(!nat_rules().iter().any(|r| r.contains(&id[..12])));

@@ -77,9 +77,16 @@ fn port_mappings(pms: &[proto::PortMapping]) -> Vec<PortMapping> {
         .collect()
 }
 
-/// The pod's IPs (the first, and the others as additional ones).
+/// The pod's IPs (the first, and the others as additional ones) while it
+/// is attached: after Stop's DEL they may be another pod's (containerd
+/// reports none once the namespace is closed, too).
 fn network_status(s: &Sandbox) -> proto::PodSandboxNetworkStatus {
-    let ips = s.network.as_ref().map(|n| n.ips.as_slice()).unwrap_or(&[]);
+    let ips = s
+        .network
+        .as_ref()
+        .filter(|n| n.attached)
+        .map(|n| n.ips.as_slice())
+        .unwrap_or(&[]);
     proto::PodSandboxNetworkStatus {
         ip: ips.first().cloned().unwrap_or_default(),
         additional_ips: ips
