@@ -449,6 +449,8 @@ async fn pods_get_a_cni_network_and_lose_it() {
     // Inside: eth0 has it; hostname and sysctls are the pod's.
     let addrs = in_pod(holder, "-n", &["ip", "-o", "-4", "addr", "show", "eth0"]);
     assert!(addrs.contains(&format!("{ip}/24")), "{addrs}");
+    let lo = in_pod(holder, "-n", &["ip", "-o", "link", "show", "lo"]);
+    assert!(lo.contains(",UP"), "lo is down in the pod: {lo}");
     assert_eq!(in_pod(holder, "-u", &["hostname"]).trim(), "net-test-host");
     assert_eq!(
         in_pod(
