@@ -35,6 +35,13 @@ fn main() -> std::process::ExitCode {
     {
         auraed::host::shim::main();
     }
+    // And a CRI container's monitor (see cri::container::crun).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == auraed::cri::container::MONITOR_ARG)
+    {
+        auraed::cri::container::monitor_main();
+    }
     let pid1 = auraed::init::is_pid1();
     let mut config = if pid1 {
         // The kernel hands init every command-line word it does not know

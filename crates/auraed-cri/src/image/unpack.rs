@@ -246,6 +246,14 @@ fn unpack_tar(tar: impl Read, dest: &Path, lowers: &[PathBuf]) -> Result<Unpacke
                 header.gid().map_err(entry_err)?,
             );
             lchown(&dest.join(&rel), uid as u32, gid as u32).map_err(entry_err)?;
+            // chown(2) clears the setuid and setgid bits: put them back
+            // (setuid binaries must work where no_new_privs is off).
+            let mode = header.mode().map_err(entry_err)? & 0o7777;
+            if mode & 0o6000 != 0 && !kind.is_symlink() && !kind.is_hard_link() {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(dest.join(&rel), fs::Permissions::from_mode(mode))
+                    .map_err(entry_err)?;
+            }
         }
     }
     // Directories' mtimes are reset by the entries written into them

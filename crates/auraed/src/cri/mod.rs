@@ -9,6 +9,7 @@
 //! containers on cells), `server.rs` binds the socket and serves both.
 
 mod cni;
+pub mod container;
 mod netns;
 mod pod;
 mod runtime;

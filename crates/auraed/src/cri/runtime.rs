@@ -1,13 +1,11 @@
 //! `runtime.v1.RuntimeService`: the runtime's identity and readiness, pod
-//! sandboxes on cells (`sandbox.rs`); containers next (issue 13).
+//! sandboxes on cells (`sandbox.rs`), containers on crun (`container/`;
+//! the container RPCs here only delegate).
 //!
 //! RPCs not overridden here answer UNIMPLEMENTED with a reason (generated
-//! default stubs; see `server.rs`). Until CreateContainer exists no
-//! container can exist, so every container id is unknown and the answers
-//! below are exact, not placeholders: lists are empty, a status is
-//! NOT_FOUND, and stopping or removing succeeds (the CRI requires both to
-//! be idempotent: kubelet retries them for ids that are gone; the same
-//! holds for sandboxes).
+//! default stubs; see `server.rs`). Stopping or removing an unknown
+//! container or sandbox succeeds (the CRI requires both to be idempotent:
+//! kubelet retries them for ids that are gone).
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
@@ -16,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     cni::{first_config as first_cni_config, PortMapping},
+    container::{Containers, NewContainer, Record},
     pod::PodSpec,
     sandbox::{NewSandbox, Sandbox, Sandboxes},
 };
@@ -28,14 +27,80 @@ const RUNTIME_API_VERSION: &str = "v1";
 pub struct RuntimeServiceImpl {
     cni_conf_dir: PathBuf,
     sandboxes: Arc<Sandboxes>,
+    containers: Arc<Containers>,
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(cni_conf_dir: PathBuf, sandboxes: Arc<Sandboxes>) -> Self {
+    pub fn new(
+        cni_conf_dir: PathBuf,
+        sandboxes: Arc<Sandboxes>,
+        containers: Arc<Containers>,
+    ) -> Self {
         RuntimeServiceImpl {
             cni_conf_dir,
             sandboxes,
+            containers,
         }
+    }
+}
+
+fn container(r: &Record) -> proto::Container {
+    proto::Container {
+        id: r.id.clone(),
+        pod_sandbox_id: r.sandbox_id.clone(),
+        metadata: Some(r.metadata()),
+        image: Some(proto::ImageSpec {
+            image: r.image.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_ref.clone(),
+        state: r.state.cri(),
+        created_at: r.created_at,
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        image_id: r.image_ref.clone(),
+    }
+}
+
+fn container_status(r: &Record) -> proto::ContainerStatus {
+    proto::ContainerStatus {
+        id: r.id.clone(),
+        metadata: Some(r.metadata()),
+        state: r.state.cri(),
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        exit_code: r.exit_code,
+        image: Some(proto::ImageSpec {
+            image: r.image.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_ref.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        mounts: r
+            .mounts
+            .iter()
+            .map(|m| proto::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+                propagation: m.propagation,
+                ..Default::default()
+            })
+            .collect(),
+        log_path: r.log_path.clone(),
+        image_id: r.image_ref.clone(),
+        user: Some(proto::ContainerUser {
+            linux: Some(proto::LinuxContainerUser {
+                uid: i64::from(r.uid),
+                gid: i64::from(r.gid),
+                supplemental_groups: vec![],
+            }),
+        }),
+        ..Default::default()
     }
 }
 
@@ -255,6 +320,9 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<proto::StopPodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
         require_id(&id, "pod_sandbox_id")?;
+        if let Some(s) = self.sandboxes.resolve(&id) {
+            self.containers.stop_sandbox(&s.id).await?;
+        }
         self.sandboxes.stop(&id).await?;
         Ok(Response::new(proto::StopPodSandboxResponse {}))
     }
@@ -265,6 +333,9 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<proto::RemovePodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
         require_id(&id, "pod_sandbox_id")?;
+        if let Some(s) = self.sandboxes.resolve(&id) {
+            self.containers.remove_sandbox(&s.id).await?;
+        }
         self.sandboxes.remove(&id).await?;
         Ok(Response::new(proto::RemovePodSandboxResponse {}))
     }
@@ -357,11 +428,44 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(proto::ListPodSandboxResponse { items }))
     }
 
+    async fn create_container(
+        &self,
+        request: Request<proto::CreateContainerRequest>,
+    ) -> Result<Response<proto::CreateContainerResponse>, Status> {
+        let req = request.into_inner();
+        require_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
+        let id = self
+            .containers
+            .create(NewContainer {
+                sandbox_id: req.pod_sandbox_id,
+                config: req
+                    .config
+                    .ok_or_else(|| Status::invalid_argument("config: is required"))?,
+                sandbox_config: req.sandbox_config.unwrap_or_default(),
+            })
+            .await?;
+        Ok(Response::new(proto::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<proto::StartContainerRequest>,
+    ) -> Result<Response<proto::StartContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        require_id(&id, "container_id")?;
+        self.containers.start(&id).await?;
+        Ok(Response::new(proto::StartContainerResponse {}))
+    }
+
     async fn stop_container(
         &self,
         request: Request<proto::StopContainerRequest>,
     ) -> Result<Response<proto::StopContainerResponse>, Status> {
-        require_id(&request.into_inner().container_id, "container_id")?;
+        let req = request.into_inner();
+        require_id(&req.container_id, "container_id")?;
+        self.containers.stop(&req.container_id, req.timeout).await?;
         Ok(Response::new(proto::StopContainerResponse {}))
     }
 
@@ -369,7 +473,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<proto::RemoveContainerRequest>,
     ) -> Result<Response<proto::RemoveContainerResponse>, Status> {
-        require_id(&request.into_inner().container_id, "container_id")?;
+        let id = request.into_inner().container_id;
+        require_id(&id, "container_id")?;
+        self.containers.remove(&id).await?;
         Ok(Response::new(proto::RemoveContainerResponse {}))
     }
 
@@ -377,27 +483,127 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<proto::ContainerStatusRequest>,
     ) -> Result<Response<proto::ContainerStatusResponse>, Status> {
-        let id = request.into_inner().container_id;
-        require_id(&id, "container_id")?;
-        Err(Status::not_found(format!("container {id:?} not found")))
+        let req = request.into_inner();
+        require_id(&req.container_id, "container_id")?;
+        let r = self.containers.status(&req.container_id)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert(
+                "info".to_string(),
+                serde_json::json!({
+                    "cell": r.cell,
+                    "pid": r.init_pid,
+                    "sandboxID": r.sandbox_id,
+                    "runtime": "crun",
+                })
+                .to_string(),
+            );
+        }
+        Ok(Response::new(proto::ContainerStatusResponse {
+            status: Some(container_status(&r)),
+            info,
+        }))
     }
 
     async fn list_containers(
         &self,
-        _request: Request<proto::ListContainersRequest>,
+        request: Request<proto::ListContainersRequest>,
     ) -> Result<Response<proto::ListContainersResponse>, Status> {
-        Ok(Response::new(proto::ListContainersResponse {
-            containers: vec![],
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let containers = self
+            .containers
+            .list()
+            .into_iter()
+            .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+            .filter(|r| {
+                filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            })
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == r.state.cri())
+            })
+            .filter(|r| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| r.labels.get(k) == Some(v))
+            })
+            .map(|r| container(&r))
+            .collect();
+        Ok(Response::new(proto::ListContainersResponse { containers }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<proto::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<proto::UpdateContainerResourcesResponse>, Status> {
+        let req = request.into_inner();
+        require_id(&req.container_id, "container_id")?;
+        if let Some(l) = &req.linux {
+            self.containers.update_resources(&req.container_id, l)?;
+        }
+        Ok(Response::new(proto::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<proto::ReopenContainerLogRequest>,
+    ) -> Result<Response<proto::ReopenContainerLogResponse>, Status> {
+        let id = request.into_inner().container_id;
+        require_id(&id, "container_id")?;
+        self.containers.reopen_log(&id).await?;
+        Ok(Response::new(proto::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(
+        &self,
+        request: Request<proto::ExecSyncRequest>,
+    ) -> Result<Response<proto::ExecSyncResponse>, Status> {
+        let req = request.into_inner();
+        require_id(&req.container_id, "container_id")?;
+        let out = self
+            .containers
+            .exec_sync(&req.container_id, &req.cmd, req.timeout)
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<proto::ContainerStatsRequest>,
+    ) -> Result<Response<proto::ContainerStatsResponse>, Status> {
+        let id = request.into_inner().container_id;
+        require_id(&id, "container_id")?;
+        let r = self.containers.status(&id)?;
+        Ok(Response::new(proto::ContainerStatsResponse {
+            stats: Some(self.containers.stats(&r)),
         }))
     }
 
     async fn list_container_stats(
         &self,
-        _request: Request<proto::ListContainerStatsRequest>,
+        request: Request<proto::ListContainerStatsRequest>,
     ) -> Result<Response<proto::ListContainerStatsResponse>, Status> {
-        Ok(Response::new(proto::ListContainerStatsResponse {
-            stats: vec![],
-        }))
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let stats = self
+            .containers
+            .list()
+            .into_iter()
+            .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+            .filter(|r| {
+                filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            })
+            .filter(|r| {
+                filter
+                    .label_selector
+                    .iter()
+                    .all(|(k, v)| r.labels.get(k) == Some(v))
+            })
+            .map(|r| self.containers.stats(&r))
+            .collect();
+        Ok(Response::new(proto::ListContainerStatsResponse { stats }))
     }
 
     async fn pod_sandbox_stats(

@@ -33,6 +33,8 @@ pub enum CriError {
     Sandboxes(#[from] super::sandbox::SandboxError),
     #[error("CRI image store: {0}")]
     Store(#[from] auraed_cri::image::store::StoreError),
+    #[error("CRI containers: {0}")]
+    Containers(#[from] super::container::ContainerError),
 }
 
 /// Removes the socket file when the server stops.
@@ -77,11 +79,17 @@ pub async fn start(
         bin_dirs: settings.cni_bin_dirs.clone(),
     };
     let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
-        cells,
+        cells.clone(),
         &settings.runtime_dir,
         cni,
     )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
+    let containers = Arc::new(super::container::Containers::open(
+        cells,
+        sandboxes.clone(),
+        store.clone(),
+        &settings.runtime_dir,
+    )?);
     let puller = Arc::new(Puller::new(
         store,
         RegistryHosts::new(&settings.registry_config_dir),
@@ -93,6 +101,7 @@ pub async fn start(
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
             settings.cni_conf_dir.clone(),
             sandboxes,
+            containers,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
     tracing::info!(
@@ -134,10 +143,10 @@ fn reason(path: &str) -> String {
     let method = path.rsplit('/').next().unwrap_or(path);
     let what = if method.contains("PodSandbox") {
         "pod sandboxes on cells are not implemented yet"
-    } else if method.contains("Container")
-        || ["ExecSync", "Exec", "Attach", "PortForward"].contains(&method)
-    {
-        "containers are not implemented yet"
+    } else if ["Exec", "Attach", "PortForward"].contains(&method) {
+        "streaming (exec, attach, port-forward) is not implemented yet"
+    } else if method.contains("Container") {
+        "container checkpoints and events are not implemented yet"
     } else if method.starts_with("Stream") {
         "the streaming list RPCs are not implemented yet"
     } else {
@@ -198,6 +207,6 @@ mod tests {
             assert!(r.starts_with(&p[1..]), "{r}");
             assert!(!r.contains('%') && r.is_ascii() && http::HeaderValue::from_str(&r).is_ok());
         }
-        assert!(reason("/runtime.v1.RuntimeService/ExecSync").contains("containers"));
+        assert!(reason("/runtime.v1.RuntimeService/Exec").contains("streaming"));
     }
 }
