@@ -14,7 +14,8 @@
 //! Layout (a contract with the streaming side: exec/attach):
 //!
 //! ```text
-//! <runtime-dir>/cri/crun/                crun --root (container id = CRI id)
+//! <runtime-dir>/cri/oci-runtime           the runtime's path (crun, or runc: see crun.rs)
+//! <runtime-dir>/cri/crun/                its --root (container id = CRI id)
 //! <runtime-dir>/cri/containers/<id>/
 //!   config.json rootfs/ upper/ work/     the OCI bundle
 //!   record.json                          our record (Record)
@@ -22,6 +23,10 @@
 //!   stdin                                FIFO, for `stdin: true` containers
 //!   container.log                        the output (CRI format) when kubelet gave no log path
 //! ```
+//!
+//! Exec/attach use [`Containers::exec_command`] (`<runtime> --root .. exec
+//! [--tty] <id> CMD`, joined to the container's cgroups),
+//! [`Containers::stdin_fifo`] and [`Containers::output_log`].
 //!
 //! Not yet: tty containers (`terminal` needs a console socket), devices,
 //! seccomp/AppArmor profiles, image volumes, UpdateContainerResources
@@ -36,7 +41,6 @@ mod spec;
 use std::{
     collections::{BTreeMap, HashMap},
     io::Read,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -837,34 +841,11 @@ impl Containers {
         let pid_file = self
             .cdir(&r.id)
             .join(format!("exec-{}.pid", &random_id()?[..12]));
-        let procs: Vec<std::fs::File> = self
-            .cells
-            .backend()
-            .procs_files(&components(&r.cell))
-            .iter()
-            .filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
-            .collect();
-        let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-        let mut c = self.crun.command(&self.crun_root, None);
-        c.arg("exec")
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg(&r.id)
-            .args(cmd)
-            .stdout(std::process::Stdio::piped())
+        let mut c = self.exec_command(&r, false, Some(&pid_file), cmd);
+        c.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: only write(2) on fds opened before the fork.
-        unsafe {
-            c.pre_exec(move || {
-                for fd in &fds {
-                    libc::write(*fd, b"0".as_ptr().cast(), 1);
-                }
-                Ok(())
-            });
-        }
         let mut child = c.spawn().map_err(internal("crun exec"))?;
-        drop(procs);
         // In a task of its own: the client gives up at its deadline (which
         // drops this future), yet the command must still be killed.
         let cmd = cmd.to_vec();
@@ -928,6 +909,66 @@ impl Containers {
         });
         task.await
             .map_err(|e| ContainerError::Internal(format!("exec task: {e}")))?
+    }
+
+    /// `<runtime> --root <root> exec [--tty] [--pid-file F] <id> CMD...`,
+    /// joining the container's cell cgroups before exec (crun runs without
+    /// cgroup management; runc joins its own as well): the command the
+    /// streaming side (Exec) runs too. stdio is the caller's to set.
+    pub fn exec_command(
+        &self,
+        r: &Record,
+        tty: bool,
+        pid_file: Option<&Path>,
+        cmd: &[String],
+    ) -> tokio::process::Command {
+        use std::os::unix::ffi::OsStrExt;
+        let procs: Vec<std::ffi::CString> = self
+            .cells
+            .backend()
+            .procs_files(&components(&r.cell))
+            .iter()
+            .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).ok())
+            .collect();
+        let mut c = self.crun.command(&self.crun_root, None);
+        c.arg("exec");
+        if tty {
+            c.arg("--tty");
+        }
+        if let Some(f) = pid_file {
+            c.arg("--pid-file").arg(f);
+        }
+        c.arg(&r.id).args(cmd);
+        // SAFETY: open/write/close on paths built before the fork; nothing
+        // allocates in the child.
+        unsafe {
+            c.pre_exec(move || {
+                for p in &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+
+    /// The FIFO feeding a `stdin: true` container (None otherwise).
+    pub fn stdin_fifo(&self, r: &Record) -> Option<PathBuf> {
+        r.stdin.then(|| self.cdir(&r.id).join(crun::STDIN_FIFO))
+    }
+
+    /// Where the container's output is written (CRI format): the kubelet's
+    /// log path, else `<container dir>/container.log`.
+    pub fn output_log(&self, r: &Record) -> PathBuf {
+        if r.log_path.is_empty() {
+            self.cdir(&r.id).join(crun::FALLBACK_LOG)
+        } else {
+            PathBuf::from(&r.log_path)
+        }
     }
 
     pub fn stats(&self, r: &Record) -> proto::ContainerStats {
