@@ -28,6 +28,9 @@ pub const DEFAULT_QEMU_CACHE: &str = "/var/cache/aurae-dev/bin/qemu-system-x86_6
 pub const DEFAULT_CRI_SOCKET: &str = "/run/aurae/cri.sock";
 pub const DEFAULT_REGISTRY_CONFIG_DIR: &str = "/etc/aurae/certs.d";
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Where CNI plugins are looked for, in order: the upstream default, then
+/// where Debian's containernetworking-plugins puts them.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin:/usr/lib/cni";
 
 /// auraed: the Aurae node daemon. Runs and isolates workloads (cells, VMs)
 /// on this machine and serves the Aurae v0 gRPC API with mutual TLS.
@@ -147,6 +150,11 @@ pub struct Config {
     /// port 0 picks a free port (the URLs name the bound one).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub cri_streaming_addr: std::net::SocketAddr,
+
+    /// Directories of CNI plugin executables, colon-separated, searched in
+    /// order (also the plugins' CNI_PATH).
+    #[arg(long, default_value = DEFAULT_CNI_BIN_DIR, value_name = "DIRS")]
+    pub cni_bin_dir: String,
 
     /// Log more: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

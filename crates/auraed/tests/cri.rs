@@ -775,6 +775,13 @@ async fn cell_names(cri: &Cri) -> Vec<String> {
 #[tokio::test]
 async fn pod_sandboxes_are_cells() {
     let cri = start(&[]).await;
+    // Pods need a CNI network (tests/cri_network.rs has a real one): the
+    // loopback plugin alone (Debian's containernetworking-plugins).
+    std::fs::write(
+        cri.cni_dir.join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#,
+    )
+    .expect("cni config");
     let mut rt = RuntimeServiceClient::new(channel(&cri.socket).await);
     let name = common::unique("pod");
     let config = |attempt| proto::PodSandboxConfig {
@@ -913,6 +920,12 @@ async fn signals_of_a_pod_sandbox() {
     use aurae_client::proto::observe::{GetPosixSignalsStreamRequest, Workload, WorkloadType};
     use common::observe::{kill, start as start_exe, STEP};
     let cri = start(&[]).await;
+    // Pods need a CNI network: the loopback plugin alone.
+    std::fs::write(
+        cri.cni_dir.join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#,
+    )
+    .expect("cni config");
     let mut rt = RuntimeServiceClient::new(channel(&cri.socket).await);
     let mut pods = Vec::new();
     for n in ["sig-a", "sig-b"] {

@@ -154,6 +154,13 @@ async fn start(mirrors: &[(&str, &str)]) -> Cri {
     let certs = dir.path().join("certs.d");
     let cni_dir = dir.path().join("net.d");
     std::fs::create_dir_all(&cni_dir).expect("mkdir");
+    // Pods need a CNI network (tests/cri_network.rs has a real one): the
+    // loopback plugin alone (Debian's containernetworking-plugins).
+    std::fs::write(
+        cni_dir.join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#,
+    )
+    .expect("cni config");
     for (name, url) in mirrors {
         std::fs::create_dir_all(certs.join(name)).expect("mkdir");
         std::fs::write(

@@ -8,10 +8,14 @@
 //! `auraed-cri` crate; `runtime.rs` is the RuntimeService (pods and
 //! containers on cells), `server.rs` binds the socket and serves both.
 
+mod cni;
 pub mod container;
+mod netns;
+mod pod;
 mod runtime;
 pub mod sandbox;
 mod server;
+mod stats;
 pub mod streaming;
 
 use std::path::PathBuf;
@@ -32,6 +36,8 @@ pub struct CriSettings {
     pub cni_conf_dir: PathBuf,
     /// The streaming server's listen address (`streaming/`).
     pub streaming_addr: std::net::SocketAddr,
+    /// CNI plugin directories, searched in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl CriSettings {
@@ -44,6 +50,9 @@ impl CriSettings {
             registry_config_dir: config.registry_config_dir.clone(),
             cni_conf_dir: config.cni_conf_dir.clone(),
             streaming_addr: config.cri_streaming_addr,
+            cni_bin_dirs: std::env::split_paths(&config.cni_bin_dir)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect(),
         })
     }
 }

@@ -13,7 +13,9 @@ use auraed_cri::proto::{self, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
 
 use super::{
+    cni::{first_config as first_cni_config, PortMapping},
     container::{Containers, NewContainer, Record},
+    pod::PodSpec,
     sandbox::{NewSandbox, Sandbox, Sandboxes},
 };
 
@@ -150,23 +152,41 @@ fn map(m: &std::collections::BTreeMap<String, String>) -> HashMap<String, String
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The first CNI network configuration, as libcni picks it (`.conf`,
-/// `.conflist`, `.json`, in lexical order).
-fn first_cni_config(dir: &std::path::Path) -> Option<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("conf" | "conflist" | "json")
-                )
+/// PortMappings as portmap takes them (those with a host port: kubelet
+/// sends every declared container port, most without one).
+fn port_mappings(pms: &[proto::PortMapping]) -> Vec<PortMapping> {
+    pms.iter()
+        .filter(|p| p.host_port > 0)
+        .map(|p| PortMapping {
+            host_port: p.host_port,
+            container_port: p.container_port,
+            protocol: proto::Protocol::try_from(p.protocol)
+                .unwrap_or(proto::Protocol::Tcp)
+                .as_str_name()
+                .to_ascii_lowercase(),
+            host_ip: p.host_ip.clone(),
         })
-        .collect();
-    files.sort();
-    files.into_iter().next()
+        .collect()
+}
+
+/// The pod's IPs (the first, and the others as additional ones) while it
+/// is attached: after Stop's DEL they may be another pod's (containerd
+/// reports none once the namespace is closed, too).
+fn network_status(s: &Sandbox) -> proto::PodSandboxNetworkStatus {
+    let ips = s
+        .network
+        .as_ref()
+        .filter(|n| n.attached)
+        .map(|n| n.ips.as_slice())
+        .unwrap_or(&[]);
+    proto::PodSandboxNetworkStatus {
+        ip: ips.first().cloned().unwrap_or_default(),
+        additional_ips: ips
+            .iter()
+            .skip(1)
+            .map(|ip| proto::PodIp { ip: ip.clone() })
+            .collect(),
+    }
 }
 
 fn condition(kind: &str, ready: bool, reason: &str, message: String) -> proto::RuntimeCondition {
@@ -285,6 +305,20 @@ impl RuntimeService for RuntimeServiceImpl {
             .and_then(|l| l.security_context.as_ref())
             .and_then(|sc| sc.namespace_options.clone())
             .unwrap_or_default();
+        let dns = config.dns_config.unwrap_or_default();
+        let pod = PodSpec {
+            hostname: config.hostname,
+            dns_servers: dns.servers,
+            dns_searches: dns.searches,
+            dns_options: dns.options,
+            port_mappings: port_mappings(&config.port_mappings),
+            sysctls: vec![],
+        };
+        let sysctls = config
+            .linux
+            .as_ref()
+            .map(|l| l.sysctls.clone())
+            .unwrap_or_default();
         let s = self
             .sandboxes
             .run(NewSandbox {
@@ -298,6 +332,8 @@ impl RuntimeService for RuntimeServiceImpl {
                 ns_network: ns.network,
                 ns_pid: ns.pid,
                 ns_ipc: ns.ipc,
+                pod,
+                sysctls,
             })
             .await?;
         Ok(Response::new(proto::RunPodSandboxResponse {
@@ -342,10 +378,22 @@ impl RuntimeService for RuntimeServiceImpl {
         })?;
         let mut info = HashMap::new();
         if req.verbose {
-            info.insert(
-                "info".to_string(),
-                serde_json::json!({"cell": s.cell}).to_string(),
-            );
+            let mut v = serde_json::json!({"cell": s.cell, "hostname": s.hostname});
+            if let Some(n) = &s.network {
+                let check = match self.sandboxes.pods().check(s.pod_ref(), n).await {
+                    None => serde_json::Value::Null,
+                    Some(Ok(())) => "ok".into(),
+                    Some(Err(e)) => e.to_string().into(),
+                };
+                v["network"] = serde_json::json!({
+                    "netns": n.netns.display().to_string(),
+                    "cniConfig": n.conf.file.display().to_string(),
+                    "cniNetwork": n.conf.name,
+                    "attached": n.attached,
+                    "cniCheck": check,
+                });
+            }
+            info.insert("info".to_string(), v.to_string());
         }
         Ok(Response::new(proto::PodSandboxStatusResponse {
             status: Some(proto::PodSandboxStatus {
@@ -353,7 +401,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 metadata: Some(metadata(&s)),
                 state: state(&s),
                 created_at: s.created_at,
-                network: Some(proto::PodSandboxNetworkStatus::default()),
+                network: Some(network_status(&s)),
                 linux: Some(proto::LinuxPodSandboxStatus {
                     namespaces: Some(proto::Namespace {
                         options: Some(proto::NamespaceOption {
@@ -622,12 +670,25 @@ impl RuntimeService for RuntimeServiceImpl {
         ))
     }
 
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<proto::PodSandboxStatsRequest>,
+    ) -> Result<Response<proto::PodSandboxStatsResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        require_id(&id, "pod_sandbox_id")?;
+        let stats = super::stats::pod_sandbox_stats(&self.sandboxes, &id).await?;
+        Ok(Response::new(proto::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<proto::ListPodSandboxStatsRequest>,
+        request: Request<proto::ListPodSandboxStatsRequest>,
     ) -> Result<Response<proto::ListPodSandboxStatsResponse>, Status> {
+        let filter = request.into_inner().filter;
         Ok(Response::new(proto::ListPodSandboxStatsResponse {
-            stats: vec![],
+            stats: super::stats::list_pod_sandbox_stats(&self.sandboxes, filter).await,
         }))
     }
 }

@@ -8,8 +8,10 @@
 //! (written whole), so a restarted daemon lists the sandboxes it had; the
 //! cells themselves are re-adopted by the cells layer.
 //!
-//! Not yet: CNI (no pod IP), hostname/DNS/sysctls, cgroup parent and
-//! resources from the config, host-IPC-only or host-PID-only pods (either is
+//! Network (CNI), hostname, DNS and sysctls: `pod.rs`, called after the
+//! cell is allocated and at Stop/Remove.
+//!
+//! Not yet: cgroup parent and resources from the config, host-IPC-only or host-PID-only pods (either is
 //! treated as "isolated"), containers in the sandbox.
 
 use std::{
@@ -22,6 +24,7 @@ use std::{
 use aurae_proto::cells::Cell;
 use serde::{Deserialize, Serialize};
 
+use super::pod::{self, OwnNs, PodError, PodNetwork, PodRef, PodSpec, Pods};
 use crate::services::cells::{validation::CellName, Cells, CellsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,8 @@ pub enum SandboxError {
     AlreadyExists(String),
     #[error(transparent)]
     Cells(#[from] CellsError),
+    #[error(transparent)]
+    Pod(#[from] PodError),
     #[error("sandbox record {path}: {source}")]
     Record {
         path: PathBuf,
@@ -48,6 +53,15 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::NotFound(m) => tonic::Status::not_found(m),
             SandboxError::AlreadyExists(m) => tonic::Status::already_exists(m),
             SandboxError::Cells(c) => c.into(),
+            SandboxError::Pod(PodError::Invalid(m)) => tonic::Status::invalid_argument(m),
+            // The network is not ready (Status says so too).
+            SandboxError::Pod(e @ PodError::Cni(super::cni::CniError::NoConfig(_))) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
+            SandboxError::Pod(e) => {
+                tracing::warn!("pod sandbox: {e}");
+                tonic::Status::internal(e.to_string())
+            }
             e @ SandboxError::Record { .. } => tonic::Status::internal(e.to_string()),
         }
     }
@@ -72,6 +86,23 @@ pub struct Sandbox {
     pub ns_network: i32,
     pub ns_pid: i32,
     pub ns_ipc: i32,
+    /// The pod's hostname (the host's for hostNetwork pods).
+    #[serde(default)]
+    pub hostname: String,
+    /// Its CNI attachment; None for hostNetwork pods.
+    #[serde(default)]
+    pub network: Option<PodNetwork>,
+}
+
+impl Sandbox {
+    pub(super) fn pod_ref(&self) -> PodRef<'_> {
+        PodRef {
+            id: &self.id,
+            name: &self.name,
+            namespace: &self.namespace,
+            uid: &self.uid,
+        }
+    }
 }
 
 /// The CRI's namespace modes (runtime.v1.NamespaceMode).
@@ -88,10 +119,15 @@ pub struct NewSandbox {
     pub ns_network: i32,
     pub ns_pid: i32,
     pub ns_ipc: i32,
+    /// Network, DNS, hostname; `sysctls` is filled in from `sysctls`.
+    pub pod: PodSpec,
+    pub sysctls: HashMap<String, String>,
 }
 
 pub struct Sandboxes {
     cells: Arc<Cells>,
+    pods: Pods,
+    samples: super::stats::CpuSamples,
     dir: PathBuf,
     table: Mutex<HashMap<String, Sandbox>>,
     /// Serializes Run/Stop/Remove (cell allocation and free are slow and
@@ -122,7 +158,11 @@ fn random_id() -> Result<String, std::io::Error> {
 impl Sandboxes {
     /// Loads the records under `runtime_dir/cri/sandboxes`; a sandbox whose
     /// cell is gone is not ready.
-    pub fn open(cells: Arc<Cells>, runtime_dir: &Path) -> Result<Sandboxes, SandboxError> {
+    pub fn open(
+        cells: Arc<Cells>,
+        runtime_dir: &Path,
+        cni: super::cni::Cni,
+    ) -> Result<Sandboxes, SandboxError> {
         let dir = runtime_dir.join("cri/sandboxes");
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Record {
             path: dir.clone(),
@@ -137,6 +177,9 @@ impl Sandboxes {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let p = e.path();
+                if p.is_dir() {
+                    continue; // a pod's files (`pod.rs`)
+                }
                 if p.extension().and_then(|x| x.to_str()) != Some("json") {
                     let _ = std::fs::remove_file(&p); // a torn temp file
                     continue;
@@ -165,6 +208,8 @@ impl Sandboxes {
         }
         Ok(Sandboxes {
             cells,
+            pods: Pods::new(cni, runtime_dir, &dir),
+            samples: Default::default(),
             dir,
             table: Mutex::new(table),
             ops: tokio::sync::Mutex::new(()),
@@ -212,18 +257,37 @@ impl Sandboxes {
         self.cells.holder_pid(&name)
     }
 
+    pub fn cells(&self) -> &Arc<Cells> {
+        &self.cells
+    }
+
+    pub fn pods(&self) -> &Pods {
+        &self.pods
+    }
+
+    pub fn cpu_samples(&self) -> &super::stats::CpuSamples {
+        &self.samples
+    }
+
     pub fn list(&self) -> Vec<Sandbox> {
         let mut v: Vec<Sandbox> = self.table().values().cloned().collect();
         v.sort_by_key(|s| s.created_at);
         v
     }
 
-    pub async fn run(&self, req: NewSandbox) -> Result<Sandbox, SandboxError> {
+    pub async fn run(&self, mut req: NewSandbox) -> Result<Sandbox, SandboxError> {
         if req.name.is_empty() || req.namespace.is_empty() || req.uid.is_empty() {
             return Err(SandboxError::Invalid(
                 "config.metadata: name, namespace and uid are required".into(),
             ));
         }
+        let isolate_process = !(req.ns_pid == MODE_NODE && req.ns_ipc == MODE_NODE);
+        let own = OwnNs {
+            net: req.ns_network != MODE_NODE,
+            ipc_uts: isolate_process,
+        };
+        req.pod.sysctls = pod::check_sysctls(&req.sysctls, own)?;
+        pod::check_hostname(&req.pod.hostname)?;
         let _op = self.ops.lock().await;
         if let Some(s) = self.table().values().find(|s| {
             s.name == req.name
@@ -244,14 +308,14 @@ impl Sandboxes {
             cell_of(&id).ok_or_else(|| SandboxError::Invalid(format!("bad sandbox id {id}")))?;
         let spec = Cell {
             name: cell.clone(),
-            isolate_process: !(req.ns_pid == MODE_NODE && req.ns_ipc == MODE_NODE),
-            isolate_network: req.ns_network != MODE_NODE,
+            isolate_process,
+            isolate_network: own.net,
             ..Default::default()
         };
         let name = CellName::parse("cell", &cell).map_err(CellsError::from)?;
         let limits = crate::services::cells::validation::limits(&spec).map_err(CellsError::from)?;
-        self.cells.allocate(name, spec, limits).await?;
-        let s = Sandbox {
+        self.cells.allocate(name.clone(), spec, limits).await?;
+        let mut s = Sandbox {
             id: id.clone(),
             name: req.name,
             uid: req.uid,
@@ -266,10 +330,26 @@ impl Sandboxes {
             ns_network: req.ns_network,
             ns_pid: req.ns_pid,
             ns_ipc: req.ns_ipc,
+            hostname: String::new(),
+            network: None,
         };
+        let holder = self.cells.holder_pid(&name);
+        match self.pods.setup(s.pod_ref(), holder, own, &req.pod).await {
+            Ok(setup) => {
+                s.hostname = setup.hostname;
+                s.network = setup.network;
+            }
+            Err(e) => {
+                self.free_cell(&s.cell).await;
+                return Err(e.into());
+            }
+        }
         if let Err(e) = self.save(&s) {
-            // Without a record nothing could find the cell again.
+            // Without a record nothing could find the cell (or the
+            // network) again.
+            self.teardown_pod(&mut s).await;
             self.free_cell(&s.cell).await;
+            let _ = self.pods.release(&s.id, s.network.as_ref());
             return Err(e);
         }
         self.table().insert(id, s.clone());
@@ -281,6 +361,36 @@ impl Sandboxes {
             s.cell
         );
         Ok(s)
+    }
+
+    /// CNI DEL (logged, not returned: for undoing a failed Run).
+    async fn teardown_pod(&self, s: &mut Sandbox) {
+        let id = s.id.clone();
+        let (name, namespace, uid) = (s.name.clone(), s.namespace.clone(), s.uid.clone());
+        if let Some(n) = s.network.as_mut() {
+            let r = PodRef {
+                id: &id,
+                name: &name,
+                namespace: &namespace,
+                uid: &uid,
+            };
+            if let Err(e) = self.pods.detach(r, n).await {
+                tracing::warn!("pod sandbox {id}: {e}");
+            }
+        }
+    }
+
+    /// CNI DEL if the pod is attached; the record notes it. A failure is
+    /// returned (kubelet retries Stop), the record still attached.
+    async fn detach(&self, s: &mut Sandbox) -> Result<(), SandboxError> {
+        let Some(mut n) = s.network.clone().filter(|n| n.attached) else {
+            return Ok(());
+        };
+        self.pods.detach(s.pod_ref(), &mut n).await?;
+        s.network = Some(n);
+        self.save(s)?;
+        self.table().insert(s.id.clone(), s.clone());
+        Ok(())
     }
 
     async fn free_cell(&self, cell: &str) {
@@ -300,6 +410,7 @@ impl Sandboxes {
         let Some(mut s) = self.resolve(id) else {
             return Ok(());
         };
+        self.detach(&mut s).await?;
         self.free_cell(&s.cell).await;
         if s.ready {
             s.ready = false;
@@ -312,10 +423,12 @@ impl Sandboxes {
     /// Removes the sandbox (stopping it first). Unknown ids succeed.
     pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
         let _op = self.ops.lock().await;
-        let Some(s) = self.resolve(id) else {
+        let Some(mut s) = self.resolve(id) else {
             return Ok(());
         };
+        self.detach(&mut s).await?;
         self.free_cell(&s.cell).await;
+        self.pods.release(&s.id, s.network.as_ref())?;
         let path = self.dir.join(format!("{}.json", s.id));
         match std::fs::remove_file(&path) {
             Ok(()) => {}

@@ -76,9 +76,14 @@ pub async fn start(
     cells: Arc<crate::services::cells::Cells>,
     token: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CriError> {
+    let cni = super::cni::Cni {
+        conf_dir: settings.cni_conf_dir.clone(),
+        bin_dirs: settings.cni_bin_dirs.clone(),
+    };
     let sandboxes = Arc::new(super::sandbox::Sandboxes::open(
         cells.clone(),
         &settings.runtime_dir,
+        cni,
     )?);
     let store = Arc::new(Store::open(settings.library_dir.join("cri/images"))?);
     let containers = Arc::new(super::container::Containers::open(
