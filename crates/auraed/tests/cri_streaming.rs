@@ -241,6 +241,13 @@ async fn start_with(mirror: Option<(&str, &str)>) -> Cri {
     let certs = dir.path().join("certs.d");
     let cni = dir.path().join("net.d");
     std::fs::create_dir_all(&cni).expect("mkdir");
+    // Pods need a CNI network: the loopback plugin alone (Debian's
+    // containernetworking-plugins); port-forward dials 127.0.0.1 in the pod.
+    std::fs::write(
+        cni.join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#,
+    )
+    .expect("cni config");
     if let Some((name, url)) = mirror {
         std::fs::create_dir_all(certs.join(name)).expect("mkdir");
         std::fs::write(
