@@ -178,7 +178,11 @@ pub async fn run(
                 signals,
                 token.child_token(),
             )
-            .with_vms(vms.clone()),
+            .with_vms(vms.clone())
+            .with_containers(
+                cri.as_ref()
+                    .map(|c| c.containers.clone() as Arc<dyn services::observe::ContainerLogs>),
+            ),
         ))
         .add_service(VmServiceServer::new(services::vms::VmServiceImpl::new(
             vms.clone(),
@@ -231,7 +235,7 @@ pub async fn run(
     vms.shutdown().await;
     if let Some(cri) = cri {
         // The token is cancelled: the CRI server stops and removes its socket.
-        let _ = tokio::time::timeout(Duration::from_secs(2), cri).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), cri.task).await;
     }
     cells.shutdown(on_exit).await;
     served?;

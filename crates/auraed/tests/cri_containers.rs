@@ -785,3 +785,91 @@ async fn cell_names(cri: &Cri) -> Vec<String> {
         .filter_map(|c| c.cell.map(|c| c.name))
         .collect()
 }
+
+/// GetSubProcessStream of a container's init pid (verbose ContainerStatus
+/// names it): its stdout or stderr lines from the CRI log, P pieces joined,
+/// live while it runs, ending once it exited and all is read.
+#[tokio::test]
+async fn a_containers_output_streams_by_its_pid() {
+    use aurae_client::proto::observe::{GetSubProcessStreamRequest, LogChannelType};
+    let mut env = env().await;
+    let pc = pod_config(&env, &common::unique("pod"));
+    let pod = run_pod(&mut env, &pc).await;
+    // A line longer than a CRI record (16 KiB) arrives as P pieces + F.
+    let script = "echo one; echo two >&2; sleep 1; head -c 20000 /dev/zero | tr '\\0' x; echo; \
+                  echo three; printf tail";
+    let id = create(
+        &mut env,
+        &pod,
+        &pc,
+        ctr("talker", &["/bin/sh", "-c", script]),
+    )
+    .await;
+    start_ctr(&mut env, &id).await;
+    let info = env
+        .rt
+        .container_status(proto::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .info;
+    let v: serde_json::Value = serde_json::from_str(&info["info"]).expect("info json");
+    let pid = v["pid"].as_i64().expect("pid") as i32;
+    assert!(pid > 0, "{v}");
+    let client = env.cri.daemon.client().await;
+    let read = |channel: LogChannelType, blocks: bool| {
+        let client = client.clone();
+        async move {
+            let mut s = client
+                .observe()
+                .get_sub_process_stream(GetSubProcessStreamRequest {
+                    channel_type: channel.into(),
+                    process_id: pid,
+                    max_lines_per_message: 0,
+                    line_blocks: blocks,
+                })
+                .await
+                .expect("GetSubProcessStream of a container pid")
+                .into_inner();
+            let mut lines = Vec::new();
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                while let Some(r) = s.message().await.expect("stream") {
+                    lines.extend(r.item.map(|i| i.line));
+                    if let Some(b) = r.block {
+                        lines.extend(b.text.lines().map(str::to_string));
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "the stream did not end: {lines:?}");
+            lines
+        }
+    };
+    // Opened while the container runs: follows it to its end.
+    let (out, err) = tokio::join!(
+        read(LogChannelType::Stdout, false),
+        read(LogChannelType::Stderr, true)
+    );
+    let long = "x".repeat(20000);
+    assert_eq!(out, ["one", long.as_str(), "three", "tail"]);
+    assert_eq!(err, ["two"]);
+    let s = wait_exited(&mut env, &id).await;
+    assert_eq!(s.exit_code, 0);
+    // After the exit: the whole log again, then the end.
+    assert_eq!(read(LogChannelType::Stderr, false).await, ["two"]);
+    env.rt
+        .remove_container(proto::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+    env.rt
+        .remove_pod_sandbox(proto::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .expect("RemovePodSandbox");
+}

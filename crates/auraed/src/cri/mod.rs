@@ -20,7 +20,7 @@ pub mod streaming;
 
 use std::path::PathBuf;
 
-pub use server::{start, CriError};
+pub use server::{start, Cri, CriError};
 
 /// What the CRI server needs from the daemon's configuration.
 #[derive(Debug, Clone)]

@@ -75,7 +75,7 @@ pub async fn start(
     settings: CriSettings,
     cells: Arc<crate::services::cells::Cells>,
     token: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, CriError> {
+) -> Result<Cri, CriError> {
     let cni = super::cni::Cni {
         conf_dir: settings.cni_conf_dir.clone(),
         bin_dirs: settings.cni_bin_dirs.clone(),
@@ -108,7 +108,7 @@ pub async fn start(
     let router = tonic::transport::Server::builder()
         .layer(ExplainUnimplementedLayer)
         .add_service(RuntimeServiceServer::new(
-            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes, containers)
+            RuntimeServiceImpl::new(settings.cni_conf_dir.clone(), sandboxes, containers.clone())
                 .with_streaming(streaming),
         ))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(puller)));
@@ -117,7 +117,7 @@ pub async fn start(
         settings.socket.display(),
         settings.registry_config_dir.display()
     );
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let incoming = UnixListenerStream::new(listener);
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
@@ -126,7 +126,16 @@ pub async fn start(
             tracing::error!("CRI server failed: {e}");
         }
         drop(socket);
-    }))
+    });
+    Ok(Cri { task, containers })
+}
+
+/// The running CRI server.
+pub struct Cri {
+    /// Ends when the server has stopped (its token cancelled).
+    pub task: tokio::task::JoinHandle<()>,
+    /// The containers, for the observe service (their output).
+    pub containers: Arc<super::container::Containers>,
 }
 
 /// The message of the generated default stubs ("Not yet implemented") is

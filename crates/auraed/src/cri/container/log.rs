@@ -58,6 +58,68 @@ pub fn rfc3339_nano(secs: i64, nanos: u32) -> String {
     )
 }
 
+/// One record of a CRI log, as [`parse`] reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    /// ns since the epoch.
+    pub timestamp: i64,
+    pub stream: Stream,
+    /// `P`: the line goes on in the next record of its stream.
+    pub partial: bool,
+    pub text: &'a [u8],
+}
+
+/// Reads one record (without its newline): `<RFC 3339 UTC> <stream> <P|F> <text>`.
+/// None for anything else (a line of another writer, a torn last line).
+pub fn parse(line: &[u8]) -> Option<Parsed<'_>> {
+    let mut parts = line.splitn(4, |&b| b == b' ');
+    let ts = parts.next()?;
+    let stream = match parts.next()? {
+        b"stdout" => Stream::Stdout,
+        b"stderr" => Stream::Stderr,
+        _ => return None,
+    };
+    let partial = match parts.next()? {
+        b"P" => true,
+        b"F" => false,
+        _ => return None,
+    };
+    Some(Parsed {
+        timestamp: parse_rfc3339_utc(ts)?,
+        stream,
+        partial,
+        text: parts.next().unwrap_or_default(),
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` to ns since the epoch (the inverse
+/// of [`rfc3339_nano`]; Howard Hinnant's days_from_civil).
+fn parse_rfc3339_utc(ts: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(ts).ok()?.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || frac.len() > 9 {
+        return None;
+    }
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<i64>().ok()? * 10_i64.pow(9 - frac.len() as u32)
+    };
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000_000) + nanos)
+}
+
 fn now() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -204,6 +266,31 @@ impl CriLog {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn records_parse_back() {
+        let ts = rfc3339_nano(1_764_748_800, 123_456_789);
+        let line = format!("{ts} stderr P some text with spaces");
+        let p = parse(line.as_bytes()).expect("parses");
+        assert_eq!(p.timestamp, 1_764_748_800_123_456_789);
+        assert_eq!(p.stream, Stream::Stderr);
+        assert!(p.partial);
+        assert_eq!(p.text, b"some text with spaces");
+        let p = parse(b"2016-10-06T00:17:10.1Z stdout F ").expect("empty line");
+        assert_eq!((p.text, p.partial), (&b""[..], false));
+        assert_eq!(p.timestamp % 1_000_000_000, 100_000_000);
+        for (secs, n) in [(0, 0), (951_782_400, 5), (4_102_444_799, 999_999_999)] {
+            let t = rfc3339_nano(secs, n);
+            assert_eq!(
+                parse_rfc3339_utc(t.as_bytes()),
+                Some(secs * 1_000_000_000 + i64::from(n)),
+                "{t}"
+            );
+        }
+        assert_eq!(parse(b"garbage"), None);
+        assert_eq!(parse(b"2016-10-06T00:17:10Z stdin F x"), None);
+        assert_eq!(parse(b"2016-13-06T00:17:10Z stdout F x"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -34,7 +34,7 @@
 //! uses its layers is not kept.
 
 mod crun;
-mod log;
+pub mod log;
 mod rootfs;
 mod spec;
 
@@ -1264,6 +1264,27 @@ async fn spawn_monitor(dir: &Path) -> Result<(ProcId, i32), ContainerError> {
             "creating the container: {}",
             line.strip_prefix("error ").unwrap_or(line)
         ))),
+    }
+}
+
+/// GetSubProcessStream of a container's init pid (services::observe).
+impl crate::services::observe::ContainerLogs for Containers {
+    fn by_pid(&self, pid: i32) -> Option<crate::services::observe::ContainerLog> {
+        let id = self
+            .table()
+            .values()
+            .find(|r| r.init_pid == pid && pid > 0)
+            .map(|r| r.id.clone())?;
+        let r = self.refresh(&id)?;
+        Some(crate::services::observe::ContainerLog {
+            path: self.output_log(&r),
+            cell: r.cell.clone(),
+            id,
+        })
+    }
+
+    fn live(&self, id: &str) -> bool {
+        self.refresh(id).is_some_and(|r| r.state != State::Exited)
     }
 }
 

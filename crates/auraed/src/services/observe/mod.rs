@@ -8,9 +8,12 @@
 //! receiver being dropped, means the client is gone: the producer stops. All
 //! producers stop when the daemon shuts down.
 
+mod containers;
 mod logs;
 mod signals;
 mod subprocess;
+
+pub use containers::{ContainerLog, ContainerLogs};
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -113,6 +116,8 @@ pub struct ObserveServiceImpl {
     cells: Arc<Cells>,
     /// For the signals of VM workloads (relayed from the guest's auraed).
     vms: Option<Arc<Vms>>,
+    /// For the output of CRI containers (their init pids), when the CRI runs.
+    containers: Option<Arc<dyn ContainerLogs>>,
     signals: SignalSource,
     shutdown: CancellationToken,
     streams: Arc<tokio::sync::Semaphore>,
@@ -129,6 +134,7 @@ impl ObserveServiceImpl {
             logs,
             cells,
             vms: None,
+            containers: None,
             signals,
             shutdown,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
@@ -136,6 +142,12 @@ impl ObserveServiceImpl {
     }
 
     /// Serves the signals of WORKLOAD_TYPE_VM workloads from these VMs.
+    /// Serves GetSubProcessStream for the CRI's containers too.
+    pub fn with_containers(mut self, containers: Option<Arc<dyn ContainerLogs>>) -> Self {
+        self.containers = containers;
+        self
+    }
+
     pub fn with_vms(mut self, vms: Arc<Vms>) -> Self {
         self.vms = Some(vms);
         self
@@ -355,6 +367,25 @@ impl ObserveService for ObserveServiceImpl {
         // executable need the host. The message names the pid only: which
         // cell it is in is not the caller's business.
         let owner = self.cells.owner_of(r.process_id);
+        // A CRI container's init pid: its CRI log, checked against its cell.
+        let container = match (&owner, &self.containers) {
+            (None, Some(c)) => c.by_pid(r.process_id).map(|log| (c.clone(), log)),
+            _ => None,
+        };
+        if let Some((containers, log)) = container {
+            let cell = CellName::parse("cell", &log.cell).map_err(ObserveError::from)?;
+            caller.check(
+                methods::OBSERVE_OUTPUT,
+                Target::Cell(&cell),
+                Some(&format!("pid {}", r.process_id)),
+            )?;
+            return Ok(Response::new(spawn_stream_with(
+                &self.shutdown,
+                &self.streams,
+                BATCHED_STREAM_CAPACITY,
+                move |tx| containers::produce(containers, log, channel, shape, tx),
+            )?));
+        }
         let target = match &owner {
             Some(ctx) => super::cells::target(ctx),
             None => Target::Host,
