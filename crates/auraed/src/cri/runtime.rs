@@ -521,7 +521,7 @@ impl RuntimeService for RuntimeServiceImpl {
                     "cell": r.cell,
                     "pid": r.init_pid,
                     "sandboxID": r.sandbox_id,
-                    "runtime": "crun",
+                    "runtime": self.containers.runtime_name(),
                 })
                 .to_string(),
             );

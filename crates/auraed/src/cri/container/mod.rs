@@ -957,6 +957,15 @@ impl Containers {
     }
 
     /// The FIFO feeding a `stdin: true` container (None otherwise).
+    /// The OCI runtime containers run with (`runc` or `crun`).
+    pub fn runtime_name(&self) -> &'static str {
+        if self.crun.runc {
+            "runc"
+        } else {
+            "crun"
+        }
+    }
+
     pub fn stdin_fifo(&self, r: &Record) -> Option<PathBuf> {
         r.stdin.then(|| self.cdir(&r.id).join(crun::STDIN_FIFO))
     }
