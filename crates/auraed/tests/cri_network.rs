@@ -435,11 +435,14 @@ async fn pods_get_a_cni_network_and_lose_it() {
     );
     let info: serde_json::Value =
         serde_json::from_str(st.info.get("info").expect("verbose info")).expect("json");
-    // CNI CHECK ran; portmap 1.1.1's CHECK also checks ip6tables for an
-    // IPv4-only pod and fails there (a plugin bug; runtimes do not CHECK).
+    // CNI CHECK ran, through every plugin up to portmap; portmap 1.1.1's
+    // CHECK is unreliable (it checks ip6tables for an IPv4-only pod, and
+    // compares its DNAT rules as text: `-s 10.x.y.2/24` is listed by
+    // iptables as `10.x.y.0/24`), so its verdict is not asserted (a plugin
+    // bug; kubelet's runtimes do not CHECK). Any other plugin must pass.
     let check = info["network"]["cniCheck"].as_str().unwrap_or_default();
     assert!(
-        check == "ok" || check.contains("portmap CHECK: could not check ipv6"),
+        check == "ok" || check.starts_with("CNI plugin portmap CHECK:"),
         "{info}"
     );
     let netns = PathBuf::from(info["network"]["netns"].as_str().expect("netns"));
