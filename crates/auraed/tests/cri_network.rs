@@ -177,6 +177,13 @@ fn shell_words(s: &str) -> Vec<String> {
     out
 }
 
+/// The tests of this file run one at a time: they share the host's nat
+/// table (portmap's CNI-HOSTPORT-* chains, which a test removes at its end
+/// when it made them) and ip_forward, which one test's cleanup would pull
+/// from under another's pod.
+static SERIAL: std::sync::LazyLock<std::sync::Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
 struct Net {
     // Dropped first: undoes the host state while the daemon still runs.
     host: Host,
@@ -185,6 +192,8 @@ struct Net {
     socket: PathBuf,
     conf_dir: PathBuf,
     ipam_dir: PathBuf,
+    // Dropped last: the next test starts once this one's host state is undone.
+    _serial: tokio::sync::OwnedMutexGuard<()>,
 }
 
 fn conflist(host: &Host, ipam: &Path, extra: &str) -> String {
@@ -216,6 +225,7 @@ async fn start() -> Option<Net> {
         eprintln!("skipped: no CNI plugins in {PLUGINS} (containernetworking-plugins)");
         return None;
     }
+    let serial = SERIAL.clone().lock_owned().await;
     let dir = tempfile::Builder::new()
         .prefix("auraed-cri-net-")
         .tempdir()
@@ -250,6 +260,7 @@ async fn start() -> Option<Net> {
         socket,
         conf_dir,
         ipam_dir,
+        _serial: serial,
     })
 }
 
