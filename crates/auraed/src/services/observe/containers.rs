@@ -61,6 +61,8 @@ pub(super) async fn produce(
     let mut pending = Vec::new(); // bytes after the last newline read
     let mut partial = Vec::new(); // text of P records of our stream
     let mut partial_ts = 0;
+    // One read buffer for the stream's life (it polls every POLL while live).
+    let mut buf = vec![0u8; CHUNK];
     loop {
         // Checked before reading: what is written before the container is
         // seen to have exited is read below, in full.
@@ -78,7 +80,6 @@ pub(super) async fn produce(
                 Some((f, ino))
             });
         }
-        let mut buf = vec![0u8; CHUNK];
         let n = match &mut file {
             Some((f, _)) => f.read(&mut buf).unwrap_or(0),
             None => 0,
