@@ -75,6 +75,10 @@ struct Args {
     /// cgroup.procs instead of clone3(CLONE_INTO_CGROUP) (before/after).
     #[arg(long, requires = "v2_guest")]
     guest_no_clone3: bool,
+    /// Only these figures (comma-separated numbers, e.g. `1,2`; default
+    /// all): for working on one figure; a report of a subset is partial.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    figures: Vec<u32>,
     /// In the guest: print N samples of each floor, one per line.
     #[arg(long, value_name = "N", hide = true)]
     floor_inner: Option<usize>,
@@ -117,6 +121,7 @@ fn machine() -> Machine {
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cgroups: cgroups.into(),
         mem_total_mib: procfs::mem_total_mib(),
+        state_dir: String::new(),
     }
 }
 
@@ -135,6 +140,19 @@ async fn probe_runtime(name: &str, work: &std::path::Path) -> Runtime {
         name: name.into(),
         oci,
         bundle_true,
+    }
+}
+
+/// Whether `p` is on a tmpfs.
+fn is_tmpfs(p: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid C string and an out-pointer to a zeroed statfs.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
     }
 }
 
@@ -217,34 +235,47 @@ async fn run(args: &Args, work: &std::path::Path, report: &mut Report) -> anyhow
         work: work.to_owned(),
     };
     let figs = &mut report.figures;
-    progress("figure 1: cold isolated start");
-    figs.push(figures::start::cold(&ctx).await);
-    progress("figure 2: warm start");
-    match figures::start::warm(&ctx).await {
-        Ok((a, b, c)) => figs.extend([a, b, c]),
-        Err(e) => figs.push(Figure::failed("2", "warm start", Better::Lower, &e)),
+    let want = |n: u32| args.figures.is_empty() || args.figures.contains(&n);
+    if want(1) {
+        progress("figure 1: cold isolated start");
+        figs.push(figures::start::cold(&ctx).await);
     }
-    progress("figure 3: throughput");
-    match figures::throughput::figures(&ctx).await {
-        Ok(v) => figs.extend(v),
-        Err(e) => figs.push(Figure::failed("3", "throughput", Better::Higher, &e)),
+    if want(2) {
+        progress("figure 2: warm start");
+        match figures::start::warm(&ctx).await {
+            Ok((a, b, c)) => figs.extend([a, b, c]),
+            Err(e) => figs.push(Figure::failed("2", "warm start", Better::Lower, &e)),
+        }
     }
-    progress("figure 4: output streaming");
-    match figures::stream::figures(&ctx).await {
-        Ok(v) => figs.extend(v),
-        Err(e) => figs.push(Figure::failed("4", "output streaming", Better::Higher, &e)),
+    if want(3) {
+        progress("figure 3: throughput");
+        match figures::throughput::figures(&ctx).await {
+            Ok(v) => figs.extend(v),
+            Err(e) => figs.push(Figure::failed("3", "throughput", Better::Higher, &e)),
+        }
     }
-    progress("figure 5: signal latency");
-    figs.push(figures::signal::figure(&ctx).await);
-    progress("figure 6: footprint and scale (fresh daemons)");
-    match figures::footprint::figure(&ctx).await {
-        Ok(f) => figs.push(f),
-        Err(e) => figs.push(Figure::failed(
-            "6",
-            "footprint and scale",
-            Better::Lower,
-            &e,
-        )),
+    if want(4) {
+        progress("figure 4: output streaming");
+        match figures::stream::figures(&ctx).await {
+            Ok(v) => figs.extend(v),
+            Err(e) => figs.push(Figure::failed("4", "output streaming", Better::Higher, &e)),
+        }
+    }
+    if want(5) {
+        progress("figure 5: signal latency");
+        figs.push(figures::signal::figure(&ctx).await);
+    }
+    if want(6) {
+        progress("figure 6: footprint and scale (fresh daemons)");
+        match figures::footprint::figure(&ctx).await {
+            Ok(f) => figs.push(f),
+            Err(e) => figs.push(Figure::failed(
+                "6",
+                "footprint and scale",
+                Better::Lower,
+                &e,
+            )),
+        }
     }
     main.stop();
     floor::remove_tree(&ctx.floor_rel);
@@ -268,17 +299,39 @@ async fn main() -> ExitCode {
         eprintln!("aurae-bench: needs root (cgroups, namespaces, runc)");
         return ExitCode::FAILURE;
     }
-    let work = match tempfile::Builder::new().prefix("aurae-bench-").tempdir() {
+    // On tmpfs: auraed's runtime directory is /run/aurae in production
+    // (tmpfs on a systemd host) and runc keeps its state in /run/runc, so
+    // the daemons' state and the bundles go where they would be: /run if
+    // it is a tmpfs here, else /dev/shm, else the temp dir.
+    let base = ["/run", "/dev/shm"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| is_tmpfs(p))
+        .unwrap_or_else(std::env::temp_dir);
+    let work = match tempfile::Builder::new()
+        .prefix("aurae-bench-")
+        .tempdir_in(&base)
+    {
         Ok(w) => w,
         Err(e) => {
             eprintln!("aurae-bench: cannot create a temp dir: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let mut machine = machine();
+    machine.state_dir = format!(
+        "{} ({})",
+        work.path().display(),
+        if is_tmpfs(work.path()) {
+            "tmpfs"
+        } else {
+            "not a tmpfs"
+        }
+    );
     let mut report = Report {
         schema: report::SCHEMA,
         date: report::utc_now(),
-        machine: machine(),
+        machine,
         settings: args.settings(),
         versions: Vec::new(),
         figures: Vec::new(),

@@ -159,6 +159,9 @@ pub struct Machine {
     pub cpus: usize,
     pub cgroups: String,
     pub mem_total_mib: u64,
+    /// Where the daemons' state and the OCI bundles are (a tmpfs when
+    /// there is one, as /run is on real hosts).
+    pub state_dir: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -218,6 +221,13 @@ impl Report {
             "aurae-bench {}  |  {} vCPU, kernel {}, {}, {} MiB RAM  |  {}",
             self.date, m.cpus, m.kernel, m.cgroups, m.mem_total_mib, self.settings.exit_detection
         );
+        if !m.state_dir.is_empty() {
+            let _ = writeln!(
+                s,
+                "  state (auraed --runtime-dir, OCI bundles): {}",
+                m.state_dir
+            );
+        }
         for (what, v) in &self.versions {
             let _ = writeln!(s, "  {what}: {v}");
         }

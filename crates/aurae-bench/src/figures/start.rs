@@ -104,6 +104,8 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure, Figure)> {
         });
     }
     let (mut to_pid, mut to_exit) = (Series::default(), Series::default());
+    // For scale: what one unary RPC costs on the same connection.
+    let mut rpc = Series::default();
     let (mut spawn_only, mut plain, mut iso) =
         (Series::default(), Series::default(), Series::default());
     let mut oci: Vec<Series> = containers
@@ -126,6 +128,16 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure, Figure)> {
         to_exit
             .sample(|| async { exit_ms.context("no sample") })
             .await;
+        rpc.sample(|| async {
+            let t0 = Instant::now();
+            ctx.client
+                .discovery()
+                .discover(aurae_client::proto::discovery::DiscoverRequest {})
+                .await
+                .context("Discover")?;
+            Ok(ms(t0.elapsed()))
+        })
+        .await;
         let mut plain_exit_ms = None;
         plain_pid
             .sample(|| async {
@@ -195,6 +207,12 @@ pub async fn warm(ctx: &Ctx) -> anyhow::Result<(Figure, Figure, Figure)> {
         Better::Lower,
     );
     a.row(to_pid.row("auraed", "auraed: Start → pid", Kind::Ours, "ms"))
+        .row(rpc.row(
+            "auraed_rpc",
+            "auraed: Discover (one unary RPC alone, for scale)",
+            Kind::Ours,
+            "ms",
+        ))
         .row(spawn_only.row(
             "floor_spawn",
             "floor: posix_spawn returns (no wait)",

@@ -52,7 +52,8 @@ impl Plan {
         stderr: RawFd,
         error: RawFd,
     ) -> Result<Self, String> {
-        let command = CString::new(command).map_err(|_| "the command holds a NUL byte")?;
+        let command = CString::new(exec_prefixed(command).unwrap_or_else(|| command.to_vec()))
+            .map_err(|_| "the command holds a NUL byte")?;
         Ok(Self {
             procs,
             setns,
@@ -98,17 +99,24 @@ impl Plan {
             self.fail(b"unshare(", Some(self.unshare as u64), b")");
         }
         if let Some((uid, gid)) = self.ids {
+            // Raw system calls, not the C library's wrappers: those make
+            // every thread of the process change ids (a broadcast over the
+            // library's thread list, which a CLONE_VM child shares with
+            // the shim); the system calls change only this task.
             // SAFETY: plain system call; the group list is emptied so no
             // supplementary group of the daemon leaks into the workload.
-            if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+            if unsafe {
+                libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
+            } != 0
+            {
                 self.fail(b"setgroups(0)", None, b"");
             }
             // SAFETY: plain system call.
-            if unsafe { libc::setgid(gid) } != 0 {
+            if unsafe { libc::syscall(libc::SYS_setgid, gid as libc::c_long) } != 0 {
                 self.fail(b"setgid(", Some(gid.into()), b")");
             }
             // SAFETY: plain system call.
-            if unsafe { libc::setuid(uid) } != 0 {
+            if unsafe { libc::syscall(libc::SYS_setuid, uid as libc::c_long) } != 0 {
                 self.fail(b"setuid(", Some(uid.into()), b")");
             }
         }
@@ -177,6 +185,93 @@ impl Plan {
     }
 }
 
+/// `exec COMMAND` when COMMAND is one simple command that the shell would
+/// run as a program: then `sh -c` replaces itself with it, as bash does
+/// for the last command of `-c` (dash forks, waits and exits with its
+/// status). One process per executable instead of two: no fork, no
+/// waiting shell, signals and the exit status are the program's own.
+/// None (run as given) when anything could make a difference: quotes,
+/// expansions, redirections, operators, globs, comments, an assignment
+/// first, or a first word that is a shell keyword or builtin.
+fn exec_prefixed(command: &[u8]) -> Option<Vec<u8>> {
+    /// dash's keywords and builtins (`exec` of these would look for a
+    /// program of that name, or fail).
+    const SHELL_WORDS: &[&[u8]] = &[
+        b"!",
+        b".",
+        b":",
+        b"[",
+        b"alias",
+        b"bg",
+        b"break",
+        b"case",
+        b"cd",
+        b"command",
+        b"continue",
+        b"do",
+        b"done",
+        b"echo",
+        b"elif",
+        b"else",
+        b"esac",
+        b"eval",
+        b"exec",
+        b"exit",
+        b"export",
+        b"false",
+        b"fg",
+        b"fi",
+        b"for",
+        b"getopts",
+        b"hash",
+        b"if",
+        b"in",
+        b"jobs",
+        b"kill",
+        b"local",
+        b"printf",
+        b"pwd",
+        b"read",
+        b"readonly",
+        b"return",
+        b"set",
+        b"shift",
+        b"test",
+        b"then",
+        b"times",
+        b"trap",
+        b"true",
+        b"type",
+        b"ulimit",
+        b"umask",
+        b"unalias",
+        b"unset",
+        b"until",
+        b"wait",
+        b"while",
+        b"{",
+        b"}",
+        b"time",
+        b"function",
+    ];
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"_./:,+%@=-".contains(b);
+    if !command
+        .iter()
+        .all(|b| plain(b) || *b == b' ' || *b == b'\t')
+    {
+        return None;
+    }
+    let first = command
+        .split(|b| *b == b' ' || *b == b'\t')
+        .find(|w| !w.is_empty())?;
+    if first.contains(&b'=') || SHELL_WORDS.contains(&first) {
+        return None;
+    }
+    let mut out = b"exec ".to_vec();
+    out.extend_from_slice(command);
+    Some(out)
+}
+
 fn ns_step(flag: libc::c_int) -> &'static [u8] {
     match flag {
         libc::CLONE_NEWNS => b"setns(mnt)",
@@ -240,6 +335,53 @@ pub(super) fn describe(raw: &[u8]) -> String {
             Err(_) => text.into_owned(),
         },
         None => text.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod exec_tests {
+    use super::exec_prefixed;
+
+    #[test]
+    fn simple_commands_are_execd() {
+        let e = |c: &str| exec_prefixed(c.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(e("/bin/true").as_deref(), Some("exec /bin/true"));
+        assert_eq!(e("sleep 100").as_deref(), Some("exec sleep 100"));
+        assert_eq!(
+            e("  python3 -m http.server 8000").as_deref(),
+            Some("exec   python3 -m http.server 8000")
+        );
+        assert_eq!(
+            e("prog --opt=value").as_deref(),
+            Some("exec prog --opt=value")
+        );
+        for kept in [
+            "",
+            "   ",
+            "echo hi",
+            "exit 3",
+            "cd /tmp",
+            "true",
+            "VAR=1 prog",
+            "a; b",
+            "a && b",
+            "a | b",
+            "a > f",
+            "echo $HOME",
+            "ls *",
+            "'quoted'",
+            "\"q\"",
+            "prog # c",
+            "~/bin/x",
+            "if true",
+            "a\nb",
+            "kill -9 1",
+            "(sub)",
+            "x `y`",
+            "a\\b",
+        ] {
+            assert_eq!(e(kept), None, "{kept:?}");
+        }
     }
 }
 

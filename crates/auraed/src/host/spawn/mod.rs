@@ -241,6 +241,12 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
             let i = spec.procs_files.iter().position(|p| *p == skip)?;
             clone3::open_dir(d).ok().map(|fd| (i, fd))
         });
+    // clone3 into the cgroup2 directory only where it makes every
+    // migration needless (pure v2). Where v1 controllers still need their
+    // `cgroup.procs` writes (hybrid), the first of them waits for an RCU
+    // grace period anyway, and the holder is started with vfork instead
+    // (below), which a clone3 without a stack of its own cannot do.
+    let into = into.filter(|_| spec.procs_files.len() == 1);
     if let Some((skip, dir)) = into {
         // The same setup without the write the clone makes needless.
         let mut fast = setup.clone();
@@ -256,7 +262,7 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
             PidNs::New => PidNs::New,
         };
         let r = fork_with(pid_ns_fast, move || {
-            let r = spawn_into(&dir, &fast, &exec);
+            let r = spawn_into(Some(&dir), &fast, &exec);
             drop(dir);
             r
         })
@@ -268,35 +274,14 @@ pub async fn spawn_holder(spec: HolderSpec) -> Result<Holder, SpawnError> {
         }
         // Unsupported: nothing was forked; the old way below.
     }
-    let child = fork_with(pid_ns, move || {
-        let mut cmd = Command::new(holder_program());
-        cmd.arg(HOLDER_ARG);
-        if serving {
-            cmd.arg(holder::SPAWN_ARG);
-        }
-        cmd.env_remove(crate::systemd::NOTIFY_SOCKET_ENV)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            // It outlives the daemon (see Holder).
-            .kill_on_drop(false);
-        // SAFETY: the closure only makes async-signal-safe system calls
-        // on data prepared before the fork (see ChildSetup::apply).
-        unsafe { cmd.pre_exec(move || setup.apply()) };
-        reaper::spawn_owned(&mut cmd).map_err(|source| SpawnError::Start {
-            what: "holder",
-            source,
-        })
-    })
-    .await?;
+    let mut argv = vec![HOLDER_ARG];
+    if serving {
+        argv.push(holder::SPAWN_ARG);
+    }
+    let exec = Exec::new(holder_program(), &argv)?;
+    let vforked = fork_with(pid_ns, move || spawn_into(None, &setup, &exec)).await?;
     drop((procs, listener));
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .ok_or(SpawnError::Thread)?;
-    // Not waited for here: dropped, tokio reaps it once it exits.
-    drop(child);
+    let pid = vforked.ok_or(SpawnError::Thread)?;
     Holder::new(pid, None, spec.socket.filter(|_| serving))
 }
 
@@ -504,13 +489,21 @@ impl Exec {
     }
 }
 
-/// Forks with `clone3(CLONE_INTO_CGROUP)` into the cgroup2 directory
-/// `dir`; the child applies `setup`, puts /dev/null on stdin and stdout
-/// (stderr is the daemon's) and execs `exec`. Returns once it exec'd (an
-/// error pipe with close-on-exec tells), None if the kernel cannot clone
-/// into a cgroup (nothing was forked). The child is recorded as owned and
-/// reaped by a task of its own once it exits (nobody reads its status).
-fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i32>, SpawnError> {
+/// Starts a child that applies `setup`, puts /dev/null on stdin and
+/// stdout (stderr is the daemon's) and execs `exec`: with
+/// `clone3(CLONE_INTO_CGROUP)` into the cgroup2 directory `dir` when one
+/// is given, else the way posix_spawn does (`clone(CLONE_VM |
+/// CLONE_VFORK)` on a stack of its own: the daemon's memory, tens of MiB
+/// over many threads, is neither copied nor made copy-on-write, and this
+/// thread sleeps until the exec). Returns once it exec'd (an error pipe
+/// with close-on-exec tells), None if the kernel cannot clone into a
+/// cgroup (nothing was forked). The child is recorded as owned and reaped
+/// by a task of its own once it exits (nobody reads its status).
+fn spawn_into(
+    dir: Option<&OwnedFd>,
+    setup: &ChildSetup,
+    exec: &Exec,
+) -> Result<Option<i32>, SpawnError> {
     let fail = |source: io::Error| SpawnError::Start {
         what: "holder",
         source,
@@ -530,21 +523,33 @@ fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i
         (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]))
     };
     let guard = reaper::lock_owned();
-    // SAFETY: the child makes only async-signal-safe calls (ChildSetup::
-    // apply, dup2, chdir, sigaction, sigprocmask, execve, write, _exit) on
-    // data prepared above, and never returns.
-    let forked = unsafe { clone3::fork_into(dir.as_raw_fd()) }.map_err(fail)?;
-    let pid = match forked {
-        Err(clone3::Unsupported(e)) => {
-            tracing::info!(
-                "clone3(CLONE_INTO_CGROUP) unavailable ({e}): processes migrate into their cgroups"
-            );
-            return Ok(None);
+    let pid = match dir {
+        Some(dir) => {
+            // SAFETY: the child makes only async-signal-safe calls
+            // (ChildSetup::apply, dup2, chdir, sigaction, sigprocmask,
+            // execve, write, _exit) on data prepared above, and never
+            // returns.
+            let forked = unsafe { clone3::fork_into(dir.as_raw_fd()) }.map_err(fail)?;
+            match forked {
+                Err(clone3::Unsupported(e)) => {
+                    tracing::info!(
+                        "clone3(CLONE_INTO_CGROUP) unavailable ({e}): processes migrate into their cgroups"
+                    );
+                    return Ok(None);
+                }
+                Ok(clone3::Forked::Child) => {
+                    child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd())
+                }
+                Ok(clone3::Forked::Parent(pid)) => pid,
+            }
         }
-        Ok(clone3::Forked::Child) => {
-            child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd())
-        }
-        Ok(clone3::Forked::Parent(pid)) => pid,
+        None => vfork_exec(&VforkArgs {
+            setup,
+            exec,
+            devnull: devnull.as_raw_fd(),
+            err: err_w.as_raw_fd(),
+        })
+        .map_err(fail)?,
     };
     reaper::record_locked(guard, pid);
     drop(err_w);
@@ -576,6 +581,47 @@ fn spawn_into(dir: &OwnedFd, setup: &ChildSetup, exec: &Exec) -> Result<Option<i
         });
     }
     Ok(Some(pid))
+}
+
+/// What the vfork child of [`spawn_into`] gets.
+struct VforkArgs<'a> {
+    setup: &'a ChildSetup,
+    exec: &'a Exec,
+    devnull: RawFd,
+    err: RawFd,
+}
+
+/// `clone(CLONE_VM | CLONE_VFORK)` running [`child_exec`] on a stack of
+/// its own; returns once the child exec'd or exited.
+fn vfork_exec(args: &VforkArgs<'_>) -> io::Result<i32> {
+    extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&VforkArgs` passed below, alive while we
+        // run: the parent thread is suspended until we exec or exit.
+        let a = unsafe { &*(arg as *const VforkArgs<'_>) };
+        child_exec(a.setup, a.exec, a.devnull, a.err)
+    }
+    // child_exec makes system calls with small locals (an ifreq is the
+    // largest); 64 KiB is plenty.
+    const STACK: usize = 64 << 10;
+    let mut stack = vec![0u8; STACK];
+    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
+    // SAFETY: the child runs `child` on its own stack, sharing our memory
+    // while this thread is suspended (CLONE_VFORK); it only makes
+    // async-signal-safe system calls on data prepared before (no
+    // allocation, no lock; the other threads of the daemon never touch
+    // that data or its stack) and never returns. `args` and `stack`
+    // outlive it.
+    let pid = unsafe {
+        libc::clone(
+            child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (args as *const VforkArgs<'_>).cast_mut().cast(),
+        )
+    };
+    drop(stack);
+    check(pid)?;
+    Ok(pid)
 }
 
 /// The child of [`spawn_into`]: never returns.
@@ -684,6 +730,11 @@ struct ChildSetup {
     ids: Option<(u32, u32)>,
 }
 
+/// A raw system call's result as a C int (they are -1 or small here).
+fn raw(r: libc::c_long) -> libc::c_int {
+    libc::c_int::try_from(r).unwrap_or(-1)
+}
+
 fn check(r: libc::c_int) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -742,12 +793,19 @@ impl ChildSetup {
             loopback_up()?;
         }
         if let Some((uid, gid)) = self.ids {
+            // Raw system calls: the C library's wrappers change the ids of
+            // every thread in its thread list, which a CLONE_VM child
+            // shares with the daemon; the system calls change this task.
             // SAFETY: plain system calls; the group list is emptied so no
             // supplementary group of the daemon leaks into the workload.
             unsafe {
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setgid(gid))?;
-                check(libc::setuid(uid))?;
+                check(raw(libc::syscall(
+                    libc::SYS_setgroups,
+                    0usize,
+                    std::ptr::null::<libc::gid_t>(),
+                )))?;
+                check(raw(libc::syscall(libc::SYS_setgid, gid as libc::c_long)))?;
+                check(raw(libc::syscall(libc::SYS_setuid, uid as libc::c_long)))?;
             }
         }
         if let Some(fd) = self.spawn_fd {

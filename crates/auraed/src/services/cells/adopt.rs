@@ -243,6 +243,7 @@ impl Cells {
                 }
             }
         };
+        let table_entry = table.clone();
         let table = table.as_ref().map_or(&self.host, |e| &e.execs);
         let running = r.pid.is_running();
         let label = context.label();
@@ -252,7 +253,7 @@ impl Cells {
             tracing::warn!("executable {name:?} in {label} is recorded twice; keeping the first");
             return None;
         }
-        let exe = Executable::watch(r, dir.clone(), label);
+        let exe = Executable::watch(r, dir.clone(), label, self.scope_of(table_entry.as_ref()));
         self.outputs.insert(exe.pid, OutputSource { dir, shim });
         table.fill(exe);
         Some(running)

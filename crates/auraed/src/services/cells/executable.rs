@@ -52,12 +52,23 @@ pub struct Executable {
     pub name: String,
     /// Host pid.
     pub pid: i32,
+    /// The cgroup2 directory of the executable's cell (pure v2, or the
+    /// hybrid mirror), whose subtree holds every process it can start:
+    /// Stop looks for live members of its process group there instead of
+    /// reading every process's stat in /proc. None: the host, or no
+    /// cgroup2 tree.
+    scope: Option<PathBuf>,
     exit: watch::Receiver<Option<Exit>>,
 }
 
 impl Executable {
     /// Watches a started (or re-adopted) executable until it exits.
-    pub fn watch(record: ExecRecord, dir: PathBuf, context: String) -> Arc<Self> {
+    pub fn watch(
+        record: ExecRecord,
+        dir: PathBuf,
+        context: String,
+        scope: Option<PathBuf>,
+    ) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
         let (pid, shim, name) = (record.pid, record.shim, record.name.clone());
         let exit_file = dir.join(format::EXIT);
@@ -81,6 +92,7 @@ impl Executable {
             pid: record.pid.pid,
             record,
             dir,
+            scope,
             exit: rx,
         })
     }
@@ -139,6 +151,8 @@ impl Executable {
     /// shim has written the last output and exited.
     pub async fn stop(&self, grace: Duration) -> Result<Exit, CellsError> {
         let pgid = self.pid;
+        let scope = self.scope.as_deref();
+        let group_alive = |pgid| group_alive(pgid, scope);
         if self.group_is_ours() && (self.exit().is_none() || group_alive(pgid)) {
             signal_group(pgid, libc::SIGTERM);
             let deadline = Instant::now() + grace;
@@ -247,11 +261,18 @@ fn signal_group(pgid: i32, sig: i32) {
 
 /// Whether any live process of the group is left. The leader stays a
 /// zombie until its shim reaps it, which kill(2) still counts as a member,
-/// so a positive answer is checked against /proc.
-fn group_alive(pgid: i32) -> bool {
+/// so a positive answer is checked process by process: those of the cell's
+/// cgroup subtree (`scope`; its processes cannot leave it: each executable
+/// has a cgroup namespace rooted in the cell), else all of /proc (hundreds
+/// of stat reads on a busy host).
+fn group_alive(pgid: i32, scope: Option<&std::path::Path>) -> bool {
     // SAFETY: signal 0 only checks for existence.
     if unsafe { libc::kill(-pgid, 0) } != 0 {
         return false;
+    }
+    let live = |pid: i32| proc::stat(pid).is_some_and(|s| s.state != 'Z' && s.pgrp == pgid);
+    if let Some(pids) = scope.and_then(cgroup_pids) {
+        return pids.into_iter().any(live);
     }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return true;
@@ -260,9 +281,25 @@ fn group_alive(pgid: i32) -> bool {
         e.file_name()
             .to_str()
             .and_then(|s| s.parse::<i32>().ok())
-            .and_then(proc::stat)
-            .is_some_and(|s| s.state != 'Z' && s.pgrp == pgid)
+            .is_some_and(live)
     })
+}
+
+/// The pids in a cgroup2 directory and every cgroup below it; None if the
+/// tree cannot be read (then the caller looks in /proc).
+fn cgroup_pids(dir: &std::path::Path) -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).ok()?;
+        pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+    }
+    Some(pids)
 }
 
 /// The executables of one cell (or of the host context), by name.

@@ -518,7 +518,7 @@ impl Cells {
             pid: spawned.pid,
             started_at: crate::logging::now_nanos(),
         };
-        let exe = Executable::watch(record, dir, context.label());
+        let exe = Executable::watch(record, dir, context.label(), self.scope_of(entry));
         if let Err(e) = self.store.write_exec(&exe.record) {
             let _ = exe.stop(Duration::ZERO).await;
             self.store.remove_exec(&exe.record.id);
@@ -527,6 +527,14 @@ impl Cells {
             )));
         }
         Ok(exe)
+    }
+
+    /// Where Stop looks for the live members of an executable's process
+    /// group: the cell's cgroup2 directory (the parent of its `_exec` leaf).
+    pub(super) fn scope_of(&self, entry: Option<&Arc<CellEntry>>) -> Option<std::path::PathBuf> {
+        let e = entry?;
+        let leaf = self.backend.unified_dir(&e.name.components())?;
+        leaf.parent().map(std::path::Path::to_path_buf)
     }
 
     /// Drops a stopped executable's output and record.
