@@ -46,8 +46,17 @@ const ROOT_NAME: &str = "aurae";
 const EXEC_LEAF: &str = "_exec";
 /// The leaf the daemon moves itself into on pure v2 (see `v2.rs`).
 const DAEMON_LEAF: &str = "auraed";
-/// Pause between retries of rmdir (EBUSY) and of the kill loop.
+/// Pauses between retries of rmdir (EBUSY) and of the kill loop: from
+/// the first, doubling up to the last. A killed process leaves its
+/// cgroups within microseconds to a few milliseconds; a fixed 5 ms pause
+/// made every Free that met one EBUSY 5 ms slower.
+const RETRY_PAUSE_FIRST: Duration = Duration::from_micros(100);
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// The next pause after `p`.
+fn backoff(p: Duration) -> Duration {
+    (p * 2).min(RETRY_PAUSE)
+}
 /// How long the pid-kill fallback keeps trying before it gives up.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The controllers we use; v1 also uses `freezer` (kill) when mounted.
@@ -414,6 +423,7 @@ struct Freezer {
 fn kill_loop(list_dir: &Path, freezer: Option<Freezer>) -> Result<(), CgroupError> {
     let started = Instant::now();
     let me = std::process::id();
+    let mut pause = RETRY_PAUSE_FIRST;
     loop {
         if let Some(f) = &freezer {
             write_file(&f.file, f.freeze)?;
@@ -442,7 +452,8 @@ fn kill_loop(list_dir: &Path, freezer: Option<Freezer>) -> Result<(), CgroupErro
                 waited_ms: started.elapsed().as_millis().try_into().unwrap_or(u64::MAX),
             });
         }
-        thread::sleep(RETRY_PAUSE);
+        thread::sleep(pause);
+        pause = backoff(pause);
     }
 }
 
@@ -551,6 +562,7 @@ impl Tree {
     /// rmdir, retried on EBUSY (processes still exiting) until `deadline`. Missing is fine.
     fn remove_dir(&self, dir: &Path, deadline: Instant) -> Result<(), CgroupError> {
         let started = Instant::now();
+        let mut pause = RETRY_PAUSE_FIRST;
         loop {
             let res = if self.cgroupfs {
                 fs::remove_dir(dir)
@@ -568,7 +580,8 @@ impl Tree {
                             waited_ms: waited.try_into().unwrap_or(u64::MAX),
                         });
                     }
-                    thread::sleep(RETRY_PAUSE);
+                    thread::sleep(pause);
+                    pause = backoff(pause);
                 }
                 Err(e) => return Err(io_err("remove", dir, e)),
             }

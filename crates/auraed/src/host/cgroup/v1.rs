@@ -397,11 +397,16 @@ impl CgroupBackend for V1Backend {
 
     fn remove_root(&self) -> Result<(), CgroupError> {
         let mut ready = lock(&self.ready);
+        // Every hierarchy is tried, also after one failed (a root left in
+        // one must not leave the others behind); the first error is told.
+        let mut first = None;
         for tree in self.trees() {
-            tree.remove_root()?;
+            if let Err(e) = tree.remove_root() {
+                first.get_or_insert(e);
+            }
         }
         *ready = false;
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
