@@ -299,15 +299,12 @@ async fn main() -> ExitCode {
         eprintln!("aurae-bench: needs root (cgroups, namespaces, runc)");
         return ExitCode::FAILURE;
     }
-    // On tmpfs: auraed's runtime directory is /run/aurae in production
-    // (tmpfs on a systemd host) and runc keeps its state in /run/runc, so
-    // the daemons' state and the bundles go where they would be: /run if
-    // it is a tmpfs here, else /dev/shm, else the temp dir.
-    let base = ["/run", "/dev/shm"]
-        .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| is_tmpfs(p))
-        .unwrap_or_else(std::env::temp_dir);
+    // Not on a tmpfs, although /run (auraed's default runtime directory)
+    // is one on systemd hosts: the executables' output files live in the
+    // runtime directory, and tmpfs pages are charged to the writer's
+    // memory cgroup without being reclaimable, so figure 4's 1 GiB of
+    // output would OOM its 256 MiB cell (measured 2026-12-03).
+    let base = std::env::temp_dir();
     let work = match tempfile::Builder::new()
         .prefix("aurae-bench-")
         .tempdir_in(&base)

@@ -84,6 +84,7 @@ pub async fn run(
             source: e,
         }
     })?;
+    warn_if_tmpfs(&config.runtime_dir, config.output_cap);
     let cells = Arc::new(services::cells::Cells::new(
         cgroups,
         store,
@@ -256,5 +257,27 @@ pub async fn shutdown_on_signals() {
     tokio::select! {
         _ = term.recv() => tracing::info!("received SIGTERM"),
         _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+/// Executables' output files live under the runtime directory. On a tmpfs
+/// (`/run` on systemd hosts) their pages are charged to the writing cell's
+/// memory cgroup and cannot be reclaimed without swap: a cell that prints
+/// more than its memory limit is OOM-killed (its holder first, seen on
+/// 2026-12-03 with 1 GiB of output in a 256 MiB cell). Said once at start.
+fn warn_if_tmpfs(dir: &std::path::Path, output_cap: u64) {
+    // SAFETY: a zeroed statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+    else {
+        return;
+    };
+    // SAFETY: a valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        tracing::warn!(
+            "--runtime-dir {} is on a tmpfs: executables' output files (up to 2 x {} MiB each, --output-cap) use memory charged to their cells that cannot be reclaimed; a cell whose output outgrows its memory limit is OOM-killed. Put --runtime-dir on a disk filesystem, or lower --output-cap",
+            dir.display(),
+            output_cap >> 20
+        );
     }
 }
