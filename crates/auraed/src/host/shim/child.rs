@@ -36,7 +36,29 @@ pub(super) struct Plan {
     _command: CString,
     argv: [*const libc::c_char; 4],
     envp: [*const libc::c_char; 3],
+    /// For a command that `sh -c` would only exec (see [`exec_prefixed`]):
+    /// its words, exec'd without the shell first.
+    direct: Option<Direct>,
 }
+
+/// A simple command's program and arguments, prepared before the fork.
+struct Direct {
+    /// The words; `argv` points into them (their bytes are on the heap).
+    _words: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    /// What dash adds to the environment of what it runs: `PWD=/`.
+    envp: [*const libc::c_char; 4],
+}
+
+/// `PATH` of [`PATH_ENV`], searched for a program named without a `/`.
+const PATH_DIRS: &[&[u8]] = &[
+    b"/usr/local/sbin",
+    b"/usr/local/bin",
+    b"/usr/sbin",
+    b"/usr/bin",
+    b"/sbin",
+    b"/bin",
+];
 
 impl Plan {
     /// Fails if the command holds a NUL byte.
@@ -52,7 +74,9 @@ impl Plan {
         stderr: RawFd,
         error: RawFd,
     ) -> Result<Self, String> {
-        let command = CString::new(exec_prefixed(command).unwrap_or_else(|| command.to_vec()))
+        let prefixed = exec_prefixed(command);
+        let direct = prefixed.is_some().then(|| Direct::new(command)).flatten();
+        let command = CString::new(prefixed.unwrap_or_else(|| command.to_vec()))
             .map_err(|_| "the command holds a NUL byte")?;
         Ok(Self {
             procs,
@@ -73,6 +97,7 @@ impl Plan {
             ],
             envp: [PATH_ENV.as_ptr(), HOME_ENV.as_ptr(), std::ptr::null()],
             _command: command,
+            direct,
         })
     }
 
@@ -158,6 +183,13 @@ impl Plan {
         if r != 0 {
             self.fail(b"sigprocmask", None, b"");
         }
+        if let Some(d) = &self.direct {
+            // What `sh -c 'exec COMMAND'` would do, without the shell: the
+            // program by its path, or found in PATH like execvp. If that
+            // fails for any reason (not found, not executable, no `#!`),
+            // the shell below runs it and says why, exactly as before.
+            d.exec();
+        }
         // SAFETY: NUL-terminated arrays of valid C strings, kept alive by
         // `self` (and statics).
         unsafe { libc::execve(SH.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
@@ -181,6 +213,72 @@ impl Plan {
         unsafe {
             libc::write(self.error, msg.buf.as_ptr().cast(), msg.len);
             libc::_exit(127)
+        }
+    }
+}
+
+impl Direct {
+    /// The words of a command [`exec_prefixed`] accepted (split on blanks,
+    /// as the shell splits it: no quoting or expansion is left in it).
+    fn new(command: &[u8]) -> Option<Self> {
+        let words: Vec<CString> = command
+            .split(|b| *b == b' ' || *b == b'\t')
+            .filter(|w| !w.is_empty())
+            .map(|w| CString::new(w).ok())
+            .collect::<Option<_>>()?;
+        let first = words.first()?;
+        // Longer names than a path buffer holds go through the shell.
+        if first.as_bytes().len() > 200 {
+            return None;
+        }
+        let mut argv: Vec<*const libc::c_char> = words.iter().map(|w| w.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        Some(Self {
+            _words: words,
+            argv,
+            envp: [
+                PATH_ENV.as_ptr(),
+                HOME_ENV.as_ptr(),
+                c"PWD=/".as_ptr(),
+                std::ptr::null(),
+            ],
+        })
+    }
+
+    /// execve of the program, in the child: returns only if every try
+    /// failed. No allocation: paths are built on the stack.
+    fn exec(&self) {
+        let prog = self.argv[0];
+        // SAFETY: `prog` is one of our NUL-terminated words.
+        let name = unsafe { CStr::from_ptr(prog) }.to_bytes();
+        if name.contains(&b'/') {
+            // SAFETY: NUL-terminated arrays of valid C strings kept alive
+            // by `self` (and statics).
+            unsafe { libc::execve(prog, self.argv.as_ptr(), self.envp.as_ptr()) };
+            return;
+        }
+        let mut path = [0u8; 256];
+        for dir in PATH_DIRS {
+            let n = dir.len() + 1 + name.len();
+            if n >= path.len() {
+                continue;
+            }
+            path[..dir.len()].copy_from_slice(dir);
+            path[dir.len()] = b'/';
+            path[dir.len() + 1..n].copy_from_slice(name);
+            path[n] = 0;
+            // SAFETY: `path` is NUL-terminated; the arrays as above.
+            unsafe {
+                libc::execve(
+                    path.as_ptr().cast(),
+                    self.argv.as_ptr(),
+                    self.envp.as_ptr(),
+                )
+            };
+            // ENOEXEC (a script without `#!`): the shell runs those.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENOEXEC) {
+                return;
+            }
         }
     }
 }

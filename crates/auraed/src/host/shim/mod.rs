@@ -624,6 +624,44 @@ mod tests {
         assert!((ts - exit.at).abs() < 60_000_000_000, "{ts} vs {}", exit.at);
     }
 
+    /// A simple command runs without the shell (its pid is the program's,
+    /// with the environment dash would give it); one the shell cannot
+    /// find still fails the shell's way.
+    #[tokio::test]
+    async fn simple_commands_run_without_the_shell() {
+        let d = tempfile::tempdir().unwrap();
+        let s = spawn(spec(d.path(), "printenv")).await.unwrap();
+        wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
+        assert_eq!(exit_record(d.path()).unwrap().code, Some(0));
+        wait_gone(&s).await;
+        let mut env = lines(d.path(), "stdout.0");
+        env.sort();
+        assert_eq!(
+            env,
+            [
+                "HOME=/",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "PWD=/"
+            ]
+        );
+        let d = tempfile::tempdir().unwrap();
+        let s = spawn(spec(d.path(), "sleep 5")).await.unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", s.pid.pid)).unwrap();
+        assert_eq!(comm.trim(), "sleep", "the pid is the program's, not a shell's");
+        // SAFETY: kill(2) of the process group we started.
+        unsafe { libc::kill(-s.pid.pid, libc::SIGKILL) };
+        wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
+        assert_eq!(exit_record(d.path()).unwrap().signal, Some(libc::SIGKILL));
+        wait_gone(&s).await;
+        let d = tempfile::tempdir().unwrap();
+        let s = spawn(spec(d.path(), "no-such-program-x1 a")).await.unwrap();
+        wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
+        assert_eq!(exit_record(d.path()).unwrap().code, Some(127));
+        wait_gone(&s).await;
+        let err = lines(d.path(), "stderr.0").join("\n");
+        assert!(err.contains("no-such-program-x1: not found"), "{err}");
+    }
+
     #[tokio::test]
     async fn records_signals_and_a_clean_environment() {
         let d = tempfile::tempdir().unwrap();
