@@ -14,6 +14,9 @@ use std::{
 const PATH_ENV: &CStr = c"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HOME_ENV: &CStr = c"HOME=/";
 const SH: &CStr = c"/bin/sh";
+/// Set to `0`, simple commands run through the shell too (see
+/// [`exec_prefixed`]).
+pub const DIRECT_EXEC_ENV: &str = "AURAE_DIRECT_EXEC";
 
 /// Everything the child does, prepared before the fork.
 pub(super) struct Plan {
@@ -74,7 +77,14 @@ impl Plan {
         stderr: RawFd,
         error: RawFd,
     ) -> Result<Self, String> {
-        let prefixed = exec_prefixed(command);
+        // AURAE_DIRECT_EXEC=0 in the daemon's environment (inherited by
+        // holders and shims): every command through `sh -c` as given, for
+        // before/after figures.
+        let prefixed = if std::env::var_os(DIRECT_EXEC_ENV).is_some_and(|v| v == "0") {
+            None
+        } else {
+            exec_prefixed(command)
+        };
         let direct = prefixed.is_some().then(|| Direct::new(command)).flatten();
         let command = CString::new(prefixed.unwrap_or_else(|| command.to_vec()))
             .map_err(|_| "the command holds a NUL byte")?;
@@ -268,13 +278,7 @@ impl Direct {
             path[dir.len() + 1..n].copy_from_slice(name);
             path[n] = 0;
             // SAFETY: `path` is NUL-terminated; the arrays as above.
-            unsafe {
-                libc::execve(
-                    path.as_ptr().cast(),
-                    self.argv.as_ptr(),
-                    self.envp.as_ptr(),
-                )
-            };
+            unsafe { libc::execve(path.as_ptr().cast(), self.argv.as_ptr(), self.envp.as_ptr()) };
             // ENOEXEC (a script without `#!`): the shell runs those.
             if io::Error::last_os_error().raw_os_error() == Some(libc::ENOEXEC) {
                 return;
@@ -362,7 +366,7 @@ fn exec_prefixed(command: &[u8]) -> Option<Vec<u8>> {
     let first = command
         .split(|b| *b == b' ' || *b == b'\t')
         .find(|w| !w.is_empty())?;
-    if first.contains(&b'=') || SHELL_WORDS.contains(&first) {
+    if first.contains(&b'=') || first.starts_with(b"-") || SHELL_WORDS.contains(&first) {
         return None;
     }
     let mut out = b"exec ".to_vec();
@@ -472,6 +476,7 @@ mod exec_tests {
             "prog # c",
             "~/bin/x",
             "if true",
+            "-x y",
             "a\nb",
             "kill -9 1",
             "(sub)",

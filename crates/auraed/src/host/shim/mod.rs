@@ -647,7 +647,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = spawn(spec(d.path(), "sleep 5")).await.unwrap();
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", s.pid.pid)).unwrap();
-        assert_eq!(comm.trim(), "sleep", "the pid is the program's, not a shell's");
+        assert_eq!(
+            comm.trim(),
+            "sleep",
+            "the pid is the program's, not a shell's"
+        );
         // SAFETY: kill(2) of the process group we started.
         unsafe { libc::kill(-s.pid.pid, libc::SIGKILL) };
         wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
