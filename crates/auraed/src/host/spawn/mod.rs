@@ -20,6 +20,7 @@ pub mod fdpass;
 pub mod holder;
 pub mod namespaces;
 pub mod reaper;
+pub mod vfork;
 
 use std::{
     ffi::CString,
@@ -543,12 +544,11 @@ fn spawn_into(
                 Ok(clone3::Forked::Parent(pid)) => pid,
             }
         }
-        None => vfork_exec(&VforkArgs {
-            setup,
-            exec,
-            devnull: devnull.as_raw_fd(),
-            err: err_w.as_raw_fd(),
-        })
+        // SAFETY: child_exec makes only async-signal-safe calls on data
+        // prepared above (ids by raw syscalls) and never returns.
+        None => unsafe {
+            vfork::spawn(&|| child_exec(setup, exec, devnull.as_raw_fd(), err_w.as_raw_fd()))
+        }
         .map_err(fail)?,
     };
     reaper::record_locked(guard, pid);
@@ -581,47 +581,6 @@ fn spawn_into(
         });
     }
     Ok(Some(pid))
-}
-
-/// What the vfork child of [`spawn_into`] gets.
-struct VforkArgs<'a> {
-    setup: &'a ChildSetup,
-    exec: &'a Exec,
-    devnull: RawFd,
-    err: RawFd,
-}
-
-/// `clone(CLONE_VM | CLONE_VFORK)` running [`child_exec`] on a stack of
-/// its own; returns once the child exec'd or exited.
-fn vfork_exec(args: &VforkArgs<'_>) -> io::Result<i32> {
-    extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
-        // SAFETY: `arg` is the `&VforkArgs` passed below, alive while we
-        // run: the parent thread is suspended until we exec or exit.
-        let a = unsafe { &*(arg as *const VforkArgs<'_>) };
-        child_exec(a.setup, a.exec, a.devnull, a.err)
-    }
-    // child_exec makes system calls with small locals (an ifreq is the
-    // largest); 64 KiB is plenty.
-    const STACK: usize = 64 << 10;
-    let mut stack = vec![0u8; STACK];
-    let top = (stack.as_mut_ptr() as usize + STACK) & !15;
-    // SAFETY: the child runs `child` on its own stack, sharing our memory
-    // while this thread is suspended (CLONE_VFORK); it only makes
-    // async-signal-safe system calls on data prepared before (no
-    // allocation, no lock; the other threads of the daemon never touch
-    // that data or its stack) and never returns. `args` and `stack`
-    // outlive it.
-    let pid = unsafe {
-        libc::clone(
-            child,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (args as *const VforkArgs<'_>).cast_mut().cast(),
-        )
-    };
-    drop(stack);
-    check(pid)?;
-    Ok(pid)
 }
 
 /// The child of [`spawn_into`]: never returns.
