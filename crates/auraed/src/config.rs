@@ -62,11 +62,15 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_SERVER_KEY)]
     pub server_key: PathBuf,
 
-    /// Runtime state of this run (sockets, VM control sockets).
+    /// Runtime state of this run (sockets, VM control sockets, records of
+    /// cells and executables; usually a tmpfs, gone with a reboot).
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     pub runtime_dir: PathBuf,
 
-    /// Persistent state (VM definitions, images).
+    /// Persistent state (VM definitions, images), and executables' output
+    /// (`output/`: on disk, so that it is not unreclaimable memory charged
+    /// to the cells; removed with its executable, and at start-up once no
+    /// record in --runtime-dir names it).
     #[arg(long, default_value = DEFAULT_LIBRARY_DIR)]
     pub library_dir: PathBuf,
 

@@ -78,13 +78,15 @@ pub async fn run(
             .map(|m| host::cgroup::favordynmods_report(&m))
             .unwrap_or_default()
     );
-    let store = services::cells::persist::Store::open(&config.runtime_dir).map_err(|e| {
-        DaemonError::State {
-            path: config.runtime_dir.join("state"),
-            source: e,
-        }
-    })?;
-    warn_if_tmpfs(&config.runtime_dir, config.output_cap);
+    let output_dir = config.library_dir.join("output");
+    let store =
+        services::cells::persist::Store::open(&config.runtime_dir, &output_dir).map_err(|e| {
+            DaemonError::State {
+                path: config.runtime_dir.join("state"),
+                source: e,
+            }
+        })?;
+    warn_if_tmpfs(store.output_root(), config.output_cap);
     let cells = Arc::new(services::cells::Cells::new(
         cgroups,
         store,
@@ -275,7 +277,7 @@ fn warn_if_tmpfs(dir: &std::path::Path, output_cap: u64) {
     // SAFETY: a valid C string and out-pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
         tracing::warn!(
-            "--runtime-dir {} is on a tmpfs: executables' output files (up to 2 x {} MiB each, --output-cap) use memory charged to their cells that cannot be reclaimed; a cell whose output outgrows its memory limit is OOM-killed. Put --runtime-dir on a disk filesystem, or lower --output-cap",
+            "executables' output is kept in {}, on a tmpfs: their output files (up to 2 x {} MiB each, --output-cap) use memory charged to their cells that cannot be reclaimed; a cell whose output outgrows its memory limit is OOM-killed. Put --library-dir on a disk filesystem, or lower --output-cap",
             dir.display(),
             output_cap >> 20
         );

@@ -390,3 +390,107 @@ async fn output_stream_errors() {
         .await;
     assert_eq!(code(gone), Code::NotFound);
 }
+
+/// The runtime dir is a tmpfs (as `/run` is): an isolated cell with a
+/// 64 MiB memory limit writes 160 MB of output, all of it kept
+/// (`--output-cap 256M`). Kept output on the tmpfs would be unreclaimable
+/// memory charged to the cell (its OOM killer took the holder); on the
+/// library side it is page cache the kernel reclaims. Nothing is OOM-killed,
+/// every line arrives, the tmpfs stays nearly empty.
+#[tokio::test]
+async fn output_on_a_tmpfs_runtime_dir_does_not_oom_the_cell() {
+    use aurae_client::proto::cells::{Cell, CellServiceAllocateRequest, MemoryController};
+    if !is_root() {
+        return skip(
+            "output_on_a_tmpfs_runtime_dir_does_not_oom_the_cell",
+            "needs root",
+        );
+    }
+    let d = Daemon::start_on_tmpfs_runtime_dir(&["--output-cap", "256M"]).await;
+    let c = d.client().await;
+    let name = unique("tmpfs-out");
+    c.cells()
+        .allocate(CellServiceAllocateRequest {
+            cell: Some(Cell {
+                name: name.clone(),
+                isolate_process: true,
+                memory: Some(MemoryController {
+                    max: Some(64 << 20),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("allocate");
+    const LINES: u32 = 160_000;
+    let line = "x".repeat(1000);
+    let pid = start(
+        &c,
+        Some(&name),
+        &unique("chatty"),
+        &format!("yes {line} | head -n {LINES}; echo done >&2"),
+    )
+    .await;
+    let mut s = c
+        .observe()
+        .get_sub_process_stream(GetSubProcessStreamRequest {
+            max_lines_per_message: 1000,
+            ..output_req(pid, LogChannelType::Stdout)
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut n = 0u32;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), s.message())
+        .await
+        .expect("stalled")
+        .expect("stream error")
+    {
+        for i in r.items {
+            n += 1;
+            assert_eq!(i.line.len(), 1000, "line {n}");
+        }
+    }
+    assert_eq!(n, LINES, "lines kept and streamed");
+    assert_eq!(read_output(&c, pid, LogChannelType::Stderr).await, ["done"]);
+    // The output is kept (the cap is above it), yet the tmpfs holds only
+    // records: far less than the 160 MB written.
+    let run = std::ffi::CString::new(d.dir.path().join("run").as_os_str().as_encoded_bytes())
+        .expect("path");
+    // SAFETY: a zeroed statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and out-pointer.
+    let rc = unsafe { libc::statfs(run.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statfs: {}", std::io::Error::last_os_error());
+    assert_eq!(st.f_type, libc::TMPFS_MAGIC, "the runtime dir is a tmpfs");
+    let used = (st.f_blocks - st.f_bfree) * st.f_bsize as u64;
+    assert!(used < 8 << 20, "{used} bytes on the runtime tmpfs");
+    // No OOM kill in the cell (v1: memory.oom_control, v2: memory.events).
+    let root = d.cgroup_root.trim_start_matches('/');
+    let (file, key) = if std::path::Path::new("/sys/fs/cgroup/memory").is_dir() {
+        (
+            format!("/sys/fs/cgroup/memory/{root}/{name}/memory.oom_control"),
+            "oom_kill ",
+        )
+    } else {
+        (
+            format!("/sys/fs/cgroup/{root}/{name}/memory.events"),
+            "oom_kill ",
+        )
+    };
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let kills: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("oom_kill count");
+    assert_eq!(kills, 0, "{file}: {text}");
+    // The cell still starts executables (its holder lives).
+    let again = start(&c, Some(&name), &unique("after"), "echo alive").await;
+    assert_eq!(
+        read_output(&c, again, LogChannelType::Stdout).await,
+        ["alive"]
+    );
+    free(&c, &name).await;
+}

@@ -51,6 +51,8 @@ pub struct Daemon {
     stderr_path: PathBuf,
     /// The flags it was started with (a restart uses them again).
     extra: Vec<String>,
+    /// A tmpfs mounted on `dir/run` (the runtime dir), unmounted on drop.
+    tmpfs_run: bool,
 }
 
 pub struct Paths {
@@ -86,11 +88,47 @@ impl Daemon {
         Self::spawn_in(socket, extra, None)
     }
 
-    fn spawn_in(socket: Option<&str>, extra: &[&str], cgroup_root: Option<String>) -> Self {
-        let dir = tempfile::Builder::new()
+    /// Starts a daemon whose --runtime-dir is a tmpfs of its own (as
+    /// `/run` is on systemd hosts); needs root.
+    pub async fn start_on_tmpfs_runtime_dir(extra: &[&str]) -> Self {
+        let dir = Self::temp_dir();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).expect("mkdir run");
+        let target = std::ffi::CString::new(run.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: valid C strings; a fresh tmpfs on a directory of ours.
+        let rc = unsafe {
+            libc::mount(
+                c"aurae-test".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"mode=0700,size=512m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        let mut d = Self::spawn_at(dir, None, extra, None);
+        d.tmpfs_run = true;
+        d.wait_ready().await;
+        d
+    }
+
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
             .prefix("auraed-test-")
             .tempdir()
-            .expect("temp dir");
+            .expect("temp dir")
+    }
+
+    fn spawn_in(socket: Option<&str>, extra: &[&str], cgroup_root: Option<String>) -> Self {
+        Self::spawn_at(Self::temp_dir(), socket, extra, cgroup_root)
+    }
+
+    fn spawn_at(
+        dir: tempfile::TempDir,
+        socket: Option<&str>,
+        extra: &[&str],
+        cgroup_root: Option<String>,
+    ) -> Self {
         let socket = socket
             .map(str::to_owned)
             .unwrap_or_else(|| dir.path().join("aurae.sock").display().to_string());
@@ -110,6 +148,7 @@ impl Daemon {
             cgroup_root,
             stderr_path,
             extra,
+            tmpfs_run: false,
         }
     }
 
@@ -352,6 +391,14 @@ impl Drop for Daemon {
                     let _ = std::fs::remove_dir(root.join(leaf));
                 }
                 let _ = std::fs::remove_dir(&root);
+            }
+        }
+        if self.tmpfs_run {
+            if let Ok(run) =
+                std::ffi::CString::new(self.dir.path().join("run").as_os_str().as_encoded_bytes())
+            {
+                // SAFETY: a valid C string; the tmpfs this harness mounted.
+                unsafe { libc::umount2(run.as_ptr(), libc::MNT_DETACH) };
             }
         }
     }

@@ -17,6 +17,17 @@
 //!
 //! `holders/<id>.sock` are the spawn sockets of isolated cells' holders
 //! (see `host::spawn::holder`), named in their cells' records.
+//!
+//! An executable's directory holds its output, which must not live in
+//! memory: the runtime directory is usually a tmpfs (`/run`), whose pages
+//! are charged to the writing cell's memory cgroup and cannot be reclaimed,
+//! so a chatty executable in a small cell got OOM-killed by its own kept
+//! output. So `execs/<id>` is a symlink to `<library-dir>/output/<id>`, a
+//! directory on disk (page cache: reclaimable); everything that opens
+//! `execs/<id>` (the shim's directory fd, readers, the adopter) follows it
+//! unchanged, and real directories of earlier releases still work. An
+//! output directory without a link (the runtime directory went with a
+//! reboot) is removed when the executables are loaded.
 
 use std::{
     io,
@@ -140,21 +151,34 @@ pub struct ExecRecord {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Where executables' directories really are (on disk).
+    output: PathBuf,
     next_id: AtomicU64,
 }
 
 impl Store {
-    /// Opens (and creates) `<runtime-dir>/state`.
-    pub fn open(runtime_dir: &Path) -> io::Result<Self> {
+    /// Opens (and creates) `<runtime-dir>/state`, and `output` for the
+    /// executables' directories (`<library-dir>/output`).
+    pub fn open(runtime_dir: &Path, output: &Path) -> io::Result<Self> {
         let root = runtime_dir.join("state");
         for d in [root.join("cells"), root.join("execs"), root.join("holders")] {
             std::fs::create_dir_all(&d)?;
         }
         set_mode(&root, 0o700)?;
+        std::fs::create_dir_all(output)?;
+        set_mode(output, 0o700)?;
+        // Absolute: the links' targets are resolved from `state/execs`.
+        let output = std::fs::canonicalize(output)?;
         Ok(Self {
             root,
+            output,
             next_id: AtomicU64::new(0),
         })
+    }
+
+    /// Where executables' output is kept (see the module comment).
+    pub fn output_root(&self) -> &Path {
+        &self.output
     }
 
     fn cell_path(&self, name: &str) -> PathBuf {
@@ -197,12 +221,21 @@ impl Store {
         loop {
             let n = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = format!("{:x}-{n}", crate::logging::now_nanos());
-            let dir = self.root.join("execs").join(&id);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => return Ok((id, dir)),
+            let real = self.output.join(&id);
+            match std::fs::create_dir(&real) {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
+            let dir = self.root.join("execs").join(&id);
+            if let Err(e) = std::os::unix::fs::symlink(&real, &dir) {
+                let _ = std::fs::remove_dir(&real);
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok((id, dir));
         }
     }
 
@@ -217,12 +250,7 @@ impl Store {
 
     /// Removes an executable's directory (record, exit status, output).
     pub fn remove_exec(&self, id: &str) {
-        let dir = self.exec_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!("cannot remove {}: {e}", dir.display());
-            }
-        }
+        remove_exec_dir(&self.exec_dir(id));
     }
 
     /// Every cell record, parents before children. Unreadable ones are
@@ -256,33 +284,82 @@ impl Store {
     /// Every executable record. A directory without a readable record
     /// (a write cut short, or a crash between starting an executable and
     /// recording it) is reported and removed.
+    ///
+    /// Output directories no link points at any more are removed too.
     pub fn load_execs(&self) -> Vec<ExecRecord> {
         let mut out = Vec::new();
-        for (dir, is_dir) in entries(&self.root.join("execs")) {
-            if !is_dir {
-                remove_file(&dir);
+        let mut linked = std::collections::HashSet::new();
+        for (dir, _) in entries(&self.root.join("execs")) {
+            // Follows the link to the output directory.
+            if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                remove_exec_dir(&dir);
                 continue;
             }
             match format::read_json::<ExecRecord>(&dir.join(format::RECORD)) {
-                Ok(Some(r)) => out.push(r),
+                Ok(Some(r)) => {
+                    // By name: the output directory is named by the id.
+                    linked.insert(r.id.clone());
+                    out.push(r)
+                }
                 Ok(None) => {
                     tracing::warn!(
                         "executable directory {} has no record (the daemon stopped while starting it): removed",
                         dir.display()
                     );
-                    let _ = std::fs::remove_dir_all(&dir);
+                    remove_exec_dir(&dir);
                 }
                 Err(e) => {
                     tracing::warn!(
                         "unreadable executable record in {} ({e}): removed",
                         dir.display()
                     );
-                    let _ = std::fs::remove_dir_all(&dir);
+                    remove_exec_dir(&dir);
                 }
+            }
+        }
+        for (dir, is_dir) in entries(&self.output) {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if linked.contains(name) {
+                continue;
+            }
+            tracing::info!(
+                "output directory {} belongs to no recorded executable (a reboot emptied the runtime directory): removed",
+                dir.display()
+            );
+            let removed = if is_dir {
+                std::fs::remove_dir_all(&dir)
+            } else {
+                std::fs::remove_file(&dir)
+            };
+            if let Err(e) = removed {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+}
+
+/// Removes `state/execs/<id>`: the output directory it links to and the
+/// link, or the real directory of an earlier release.
+fn remove_exec_dir(dir: &Path) {
+    let result = match std::fs::read_link(dir) {
+        Ok(target) => match std::fs::remove_dir_all(&target) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err((target, e)),
+            _ => std::fs::remove_file(dir).map_err(|e| (dir.to_owned(), e)),
+        },
+        // Not a link: a directory (or a stray file) of its own.
+        Err(_) => std::fs::remove_dir_all(dir)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => std::fs::remove_file(dir),
+            })
+            .map_err(|e| (dir.to_owned(), e)),
+    };
+    if let Err((path, e)) = result {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", path.display());
+        }
     }
 }
 
@@ -348,7 +425,7 @@ mod tests {
     #[test]
     fn records_round_trip_and_torn_ones_are_dropped() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = Store::open(d.path(), &d.path().join("lib/output")).unwrap();
         let me = ProcId::of(std::process::id() as i32).unwrap();
         let parent = CellRecord {
             name: "a".into(),
@@ -390,11 +467,66 @@ mod tests {
         s.write_exec(&r).unwrap();
         assert!(dir.join(format::RECORD).exists());
         // id2 has no record: removed at load.
-        assert_eq!(s.load_execs(), vec![r]);
+        assert_eq!(s.load_execs(), vec![r.clone()]);
         assert!(!s.exec_dir(&id2).exists());
+        assert!(!d.path().join("lib/output").join(&id2).exists());
         s.remove_exec(&id);
         s.remove_cell("a/b");
         assert!(s.load_execs().is_empty());
         assert_eq!(s.load_cells().len(), 1);
+        // The output directory went with the record.
+        assert!(std::fs::read_dir(d.path().join("lib/output"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn output_lives_on_the_library_side_and_orphans_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("lib/output");
+        let s = Store::open(&d.path().join("run"), &out).unwrap();
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        let record = |id: &str| ExecRecord {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            cell: None,
+            command: "true".into(),
+            description: String::new(),
+            uid: 0,
+            gid: 0,
+            shim: me,
+            pid: me,
+            started_at: 1,
+        };
+        let (id, dir) = s.new_exec_dir().unwrap();
+        s.write_exec(&record(&id)).unwrap();
+        std::fs::write(dir.join("stdout.0"), b"x").unwrap();
+        // What the shim writes through its fd lands on the library side.
+        assert_eq!(std::fs::read(out.join(&id).join("stdout.0")).unwrap(), b"x");
+        assert!(std::fs::symlink_metadata(&dir).unwrap().is_symlink());
+        // An earlier release's real directory still loads and is removed.
+        let old = d.path().join("run/state/execs/old-1");
+        std::fs::create_dir(&old).unwrap();
+        s.write_exec(&record("old-1")).unwrap();
+        // An output directory of a previous boot (no link): removed.
+        std::fs::create_dir(out.join("gone-7")).unwrap();
+        std::fs::write(out.join("gone-7/stdout.0"), b"y").unwrap();
+        // A dangling link (its output directory deleted): dropped.
+        std::os::unix::fs::symlink(
+            out.join("nowhere"),
+            d.path().join("run/state/execs/dangling-2"),
+        )
+        .unwrap();
+        let ids: Vec<String> = s.load_execs().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![id.clone(), "old-1".to_owned()]);
+        assert!(!out.join("gone-7").exists());
+        assert!(std::fs::symlink_metadata(d.path().join("run/state/execs/dangling-2")).is_err());
+        assert!(out.join(&id).join("stdout.0").exists());
+        s.remove_exec("old-1");
+        assert!(!old.exists());
+        s.remove_exec(&id);
+        assert!(std::fs::symlink_metadata(&dir).is_err());
+        assert!(!out.join(&id).exists());
     }
 }
