@@ -29,6 +29,23 @@ const OUTPUT_CAP: &str = "4G";
 const LOG: &str = "auraed.log";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+/// Where the daemons' runtime directories go (a tmpfs, as /run is), if
+/// not beside the rest of their state.
+static RUNTIME_BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Puts every daemon's --runtime-dir under `base` (see main).
+pub fn set_runtime_base(base: &Path) {
+    let _ = RUNTIME_BASE.set(base.to_owned());
+}
+
+/// The --runtime-dir of the daemon whose directory is `dir`: the same for
+/// every start on `dir` (a restart re-adopts from it).
+fn runtime_dir(dir: &Path) -> PathBuf {
+    match (RUNTIME_BASE.get(), dir.file_name()) {
+        (Some(base), Some(name)) => base.join(name),
+        _ => dir.join("run"),
+    }
+}
 
 pub struct Daemon {
     bin: PathBuf,
@@ -231,7 +248,7 @@ fn launch(
         .arg("--server-key")
         .arg(pki.join("server.key"))
         .arg("--runtime-dir")
-        .arg(dir.join("run"))
+        .arg(runtime_dir(dir))
         .arg("--library-dir")
         .arg(dir.join("lib"))
         .arg("--cgroup-root")

@@ -299,11 +299,12 @@ async fn main() -> ExitCode {
         eprintln!("aurae-bench: needs root (cgroups, namespaces, runc)");
         return ExitCode::FAILURE;
     }
-    // Not on a tmpfs, although /run (auraed's default runtime directory)
-    // is one on systemd hosts: the executables' output files live in the
-    // runtime directory, and tmpfs pages are charged to the writer's
-    // memory cgroup without being reclaimable, so figure 4's 1 GiB of
-    // output would OOM its 256 MiB cell (measured 2026-12-03).
+    // Laid out as an operator's host is: the daemons' --runtime-dir on a
+    // tmpfs (as /run is on systemd hosts), their --library-dir (where
+    // auraed keeps executables' output, see services::cells::persist) and
+    // the OCI bundles on disk. Output must not be on a tmpfs: its pages
+    // are charged to the writer's memory cgroup and not reclaimable, so
+    // figure 4's 1 GiB would OOM its 256 MiB cell (measured 2026-12-03).
     let base = std::env::temp_dir();
     let work = match tempfile::Builder::new()
         .prefix("aurae-bench-")
@@ -315,16 +316,38 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut machine = machine();
-    machine.state_dir = format!(
-        "{} ({})",
-        work.path().display(),
-        if is_tmpfs(work.path()) {
-            "tmpfs"
-        } else {
-            "not a tmpfs"
+    let shm = std::path::Path::new("/dev/shm");
+    let runtime = if is_tmpfs(shm) {
+        match tempfile::Builder::new()
+            .prefix("aurae-bench-run-")
+            .tempdir_in(shm)
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                progress(&format!(
+                    "cannot create a dir in /dev/shm ({e}): runtime dirs on disk"
+                ));
+                None
+            }
         }
-    );
+    } else {
+        None
+    };
+    if let Some(r) = &runtime {
+        daemon::set_runtime_base(r.path());
+    }
+    let mut machine = machine();
+    let kind = |p: &std::path::Path| if is_tmpfs(p) { "tmpfs" } else { "not a tmpfs" };
+    machine.state_dir = match &runtime {
+        Some(r) => format!(
+            "runtime dirs {} ({}), library dirs and bundles {} ({})",
+            r.path().display(),
+            kind(r.path()),
+            work.path().display(),
+            kind(work.path())
+        ),
+        None => format!("{} ({})", work.path().display(), kind(work.path())),
+    };
     let mut report = Report {
         schema: report::SCHEMA,
         date: report::utc_now(),

@@ -222,11 +222,7 @@ impl Report {
             self.date, m.cpus, m.kernel, m.cgroups, m.mem_total_mib, self.settings.exit_detection
         );
         if !m.state_dir.is_empty() {
-            let _ = writeln!(
-                s,
-                "  state (auraed --runtime-dir, OCI bundles): {}",
-                m.state_dir
-            );
+            let _ = writeln!(s, "  state: {}", m.state_dir);
         }
         for (what, v) in &self.versions {
             let _ = writeln!(s, "  {what}: {v}");

@@ -94,10 +94,28 @@ fn cgroup_dirs(d: &Daemon, cell: &str) -> Vec<PathBuf> {
 }
 
 /// Executable directories the daemon keeps (one per executable not stopped).
+/// Executables' directories (links to `lib/output/<id>`; each has its
+/// `<id>.json` record beside it).
 fn exec_dirs(d: &Daemon) -> usize {
-    std::fs::read_dir(d.dir.path().join("run/state/execs"))
-        .map(|r| r.count())
-        .unwrap_or(0)
+    let count = |p: &str, f: &dyn Fn(&str) -> bool| {
+        std::fs::read_dir(d.dir.path().join(p))
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| f(&e.file_name().to_string_lossy()))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let links = count("run/state/execs", &|n| !n.ends_with(".json"));
+    let records = count("run/state/execs", &|n| n.ends_with(".json"));
+    assert_eq!(links, records, "a record beside every directory");
+    // Output directories: one per executable, and at most one made ahead.
+    let outputs = count("lib/output", &|_| true);
+    assert!(
+        outputs == links || outputs == links + 1,
+        "{outputs} output directories for {links} executables"
+    );
+    links
 }
 
 fn hostname_of(pid: i32) -> String {

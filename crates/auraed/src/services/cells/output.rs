@@ -1243,6 +1243,23 @@ mod tests {
         assert_eq!(second, ReadEvent::End);
     }
 
+    /// The shim creates a channel's first file with its first line: a
+    /// reader before it waits, and a silent channel ends at its marker.
+    #[tokio::test]
+    async fn a_channel_without_a_file_waits_then_reads_or_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = OutputReader::open(&src(d.path()), Channel::Stdout).unwrap();
+        let mut e = OutputReader::open(&src(d.path()), Channel::Stderr).unwrap();
+        nothing_for(&mut r, 50).await;
+        let mut w = ShimWriter::new(d.path(), Channel::Stdout, 1 << 20);
+        write_range(&mut w, 0..2);
+        expect_range(&mut r, 0..2).await;
+        w.close();
+        assert_eq!(next(&mut r).await, ReadEvent::End);
+        format::write_atomic(d.path(), &Channel::Stderr.end_file(), b"0").unwrap();
+        assert_eq!(next(&mut e).await, ReadEvent::End);
+    }
+
     #[tokio::test]
     async fn end_comes_when_the_directory_is_removed() {
         for inotify in [true, false] {

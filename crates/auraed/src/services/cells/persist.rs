@@ -4,9 +4,10 @@
 //! ```text
 //! <runtime-dir>/state/
 //!   cells/<a.b.c>.json     one CellRecord per cell ('/' in the name → '.')
-//!   execs/<id>/            one directory per executable (see host::shim::format):
-//!     record.json          its ExecRecord (written here), exit.json and
-//!                          output (written by its shim)
+//!   execs/<id>.json        one ExecRecord per executable (written here)
+//!   execs/<id> -> <library-dir>/output/<id>/
+//!                          its directory: exit.json and output, written by
+//!                          its shim (see host::shim::format)
 //! ```
 //!
 //! The runtime directory is the right home: what it describes (processes,
@@ -25,9 +26,16 @@
 //! output. So `execs/<id>` is a symlink to `<library-dir>/output/<id>`, a
 //! directory on disk (page cache: reclaimable); everything that opens
 //! `execs/<id>` (the shim's directory fd, readers, the adopter) follows it
-//! unchanged, and real directories of earlier releases still work. An
-//! output directory without a link (the runtime directory went with a
-//! reboot) is removed when the executables are loaded.
+//! unchanged, and real directories of earlier releases (with the record
+//! inside, `execs/<id>/record.json`) still work. An output directory
+//! without a link (the runtime directory went with a reboot) is removed
+//! when the executables are loaded.
+//!
+//! Creating a file or directory on disk is an inode allocation (0.1-0.3 ms
+//! on this VM's ext4, README "Why we are fast"), so the start path makes
+//! none it can avoid: the record is on the runtime side (a tmpfs on most
+//! hosts), and the next output directory is made ahead of time, off the
+//! start path (`spare`).
 
 use std::{
     io,
@@ -154,6 +162,8 @@ pub struct Store {
     /// Where executables' directories really are (on disk).
     output: PathBuf,
     next_id: AtomicU64,
+    /// The id of an output directory made ahead for the next executable.
+    spare: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Store {
@@ -173,6 +183,7 @@ impl Store {
             root,
             output,
             next_id: AtomicU64::new(0),
+            spare: Default::default(),
         })
     }
 
@@ -217,16 +228,25 @@ impl Store {
 
     /// A fresh directory for a new executable: unique within this state
     /// directory, also across runs (the id starts with the time).
+    /// Takes the spare output directory if one is ready, and has the next
+    /// one made on a blocking thread (inside a tokio runtime).
     pub fn new_exec_dir(&self) -> io::Result<(String, PathBuf)> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.make_spare();
+        let mut spare = spare;
         loop {
-            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{:x}-{n}", crate::logging::now_nanos());
+            let id = match spare.take() {
+                Some(id) => id,
+                None => {
+                    let id = self.next_exec_id();
+                    match std::fs::create_dir(self.output.join(&id)) {
+                        Ok(()) => id,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
             let real = self.output.join(&id);
-            match std::fs::create_dir(&real) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
             let dir = self.root.join("execs").join(&id);
             if let Err(e) = std::os::unix::fs::symlink(&real, &dir) {
                 let _ = std::fs::remove_dir(&real);
@@ -239,17 +259,57 @@ impl Store {
         }
     }
 
+    fn next_exec_id(&self) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n}", crate::logging::now_nanos())
+    }
+
+    /// Makes the next output directory in the background; none outside a
+    /// tokio runtime (or if one is ready).
+    fn make_spare(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let id = self.next_exec_id();
+        let (path, slot) = (self.output.join(&id), self.spare.clone());
+        rt.spawn_blocking(move || match std::fs::create_dir(&path) {
+            Ok(()) => {
+                let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+                match s.as_ref() {
+                    // Another one got there first: one spare is enough.
+                    Some(_) => {
+                        let _ = std::fs::remove_dir(&path);
+                    }
+                    None => *s = Some(id),
+                }
+            }
+            Err(e) => tracing::debug!("cannot make {}: {e}", path.display()),
+        });
+    }
+
+    /// Removes the spare output directory (when the daemon stops).
+    pub fn drop_spare(&self) {
+        if let Some(id) = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = std::fs::remove_dir(self.output.join(id));
+        }
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.root.join("execs").join(format!("{id}.json"))
+    }
+
     pub fn exec_dir(&self, id: &str) -> PathBuf {
         self.root.join("execs").join(id)
     }
 
     pub fn write_exec(&self, r: &ExecRecord) -> io::Result<()> {
         let data = serde_json::to_vec_pretty(r).map_err(io::Error::other)?;
-        format::write_atomic(&self.exec_dir(&r.id), format::RECORD, &data)
+        format::write_atomic(&self.root.join("execs"), &format!("{}.json", r.id), &data)
     }
 
-    /// Removes an executable's directory (record, exit status, output).
+    /// Removes an executable's record and directory (exit status, output).
     pub fn remove_exec(&self, id: &str) {
+        remove_file(&self.record_path(id));
         remove_exec_dir(&self.exec_dir(id));
     }
 
@@ -290,12 +350,31 @@ impl Store {
         let mut out = Vec::new();
         let mut linked = std::collections::HashSet::new();
         for (dir, _) in entries(&self.root.join("execs")) {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.ends_with(".json") || name.ends_with(".tmp") {
+                // Records are read with their directories; a temp file is
+                // a write that was cut short.
+                if name.starts_with('.') {
+                    remove_file(&dir);
+                }
+                continue;
+            }
             // Follows the link to the output directory.
             if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                tracing::warn!(
+                    "executable directory {} is gone: its record is removed",
+                    dir.display()
+                );
+                remove_file(&self.record_path(name));
                 remove_exec_dir(&dir);
                 continue;
             }
-            match format::read_json::<ExecRecord>(&dir.join(format::RECORD)) {
+            // Beside the link; inside the directory in earlier releases.
+            let record = match format::read_json::<ExecRecord>(&self.record_path(name)) {
+                Ok(None) => format::read_json::<ExecRecord>(&dir.join(format::RECORD)),
+                r => r,
+            };
+            match record {
                 Ok(Some(r)) => {
                     // By name: the output directory is named by the id.
                     linked.insert(r.id.clone());
@@ -310,10 +389,24 @@ impl Store {
                 }
                 Err(e) => {
                     tracing::warn!(
-                        "unreadable executable record in {} ({e}): removed",
+                        "unreadable executable record of {} ({e}): removed",
                         dir.display()
                     );
+                    remove_file(&self.record_path(name));
                     remove_exec_dir(&dir);
+                }
+            }
+        }
+        // Records without a directory.
+        for (path, _) in entries(&self.root.join("execs")) {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Some(id) = name.strip_suffix(".json") {
+                if !linked.contains(id) {
+                    tracing::warn!("record {} has no directory: removed", path.display());
+                    remove_file(&path);
                 }
             }
         }
@@ -323,7 +416,7 @@ impl Store {
                 continue;
             }
             tracing::info!(
-                "output directory {} belongs to no recorded executable (a reboot emptied the runtime directory): removed",
+                "output directory {} belongs to no recorded executable (a spare, or the runtime directory went with a reboot): removed",
                 dir.display()
             );
             let removed = if is_dir {
@@ -465,7 +558,8 @@ mod tests {
             started_at: 3,
         };
         s.write_exec(&r).unwrap();
-        assert!(dir.join(format::RECORD).exists());
+        assert!(d.path().join(format!("state/execs/{id}.json")).exists());
+        assert!(dir.is_dir());
         // id2 has no record: removed at load.
         assert_eq!(s.load_execs(), vec![r.clone()]);
         assert!(!s.exec_dir(&id2).exists());
@@ -505,10 +599,15 @@ mod tests {
         // What the shim writes through its fd lands on the library side.
         assert_eq!(std::fs::read(out.join(&id).join("stdout.0")).unwrap(), b"x");
         assert!(std::fs::symlink_metadata(&dir).unwrap().is_symlink());
-        // An earlier release's real directory still loads and is removed.
+        // An earlier release's real directory (record inside) still loads
+        // and is removed.
         let old = d.path().join("run/state/execs/old-1");
         std::fs::create_dir(&old).unwrap();
-        s.write_exec(&record("old-1")).unwrap();
+        let data = serde_json::to_vec(&record("old-1")).unwrap();
+        std::fs::write(old.join(format::RECORD), data).unwrap();
+        // A record whose directory is gone, and a torn temp file: removed.
+        s.write_exec(&record("lost-3")).unwrap();
+        std::fs::write(d.path().join("run/state/execs/.x.json.tmp"), b"{").unwrap();
         // An output directory of a previous boot (no link): removed.
         std::fs::create_dir(out.join("gone-7")).unwrap();
         std::fs::write(out.join("gone-7/stdout.0"), b"y").unwrap();
@@ -522,11 +621,39 @@ mod tests {
         assert_eq!(ids, vec![id.clone(), "old-1".to_owned()]);
         assert!(!out.join("gone-7").exists());
         assert!(std::fs::symlink_metadata(d.path().join("run/state/execs/dangling-2")).is_err());
+        assert!(!d.path().join("run/state/execs/lost-3.json").exists());
+        assert!(!d.path().join("run/state/execs/.x.json.tmp").exists());
         assert!(out.join(&id).join("stdout.0").exists());
         s.remove_exec("old-1");
         assert!(!old.exists());
         s.remove_exec(&id);
         assert!(std::fs::symlink_metadata(&dir).is_err());
         assert!(!out.join(&id).exists());
+        assert!(!d.path().join(format!("run/state/execs/{id}.json")).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_next_output_directory_is_made_ahead() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("lib/output");
+        let s = Store::open(&d.path().join("run"), &out).unwrap();
+        let (a, _) = s.new_exec_dir().unwrap();
+        // The spare appears beside the first directory.
+        let t = std::time::Instant::now();
+        while std::fs::read_dir(&out).unwrap().count() < 2 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "no spare");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let spare = s.spare.lock().unwrap().clone().expect("spare id");
+        let (b, dir) = s.new_exec_dir().unwrap();
+        assert_eq!(b, spare);
+        assert_ne!(a, b);
+        assert!(dir.is_dir());
+        // Unused spares are dropped at stop, or at the next load.
+        while s.spare.lock().unwrap().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        s.drop_spare();
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
     }
 }

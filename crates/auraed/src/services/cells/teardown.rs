@@ -157,6 +157,8 @@ impl Cells {
     /// [`OnExit::Free`] every executable is stopped and every cell freed,
     /// concurrently.
     pub async fn shutdown(self: &Arc<Self>, policy: OnExit) {
+        // The output directory made ahead for a next executable.
+        self.store.drop_spare();
         if policy == OnExit::Keep {
             let cells = self.table().len();
             let execs = self.host.all().len()
