@@ -236,7 +236,7 @@ pub fn decode_line(line: &[u8]) -> (i64, &[u8]) {
 /// boot); a torn record is reported and removed at start. An fsync costs a
 /// journal commit (milliseconds on ext4) on every Allocate, Start and exit.
 pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(temp_name(name));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -258,8 +258,13 @@ pub fn write_replaced_at(dir: &OwnedFd, name: &str, data: &[u8]) -> io::Result<(
     write_renamed_at(dir, name, data)
 }
 
+/// The temp file a whole-file write of `name` goes through (then renamed).
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
 fn write_renamed_at(dir: &OwnedFd, name: &str, data: &[u8]) -> io::Result<()> {
-    let tmp = std::ffi::CString::new(format!(".{name}.tmp")).map_err(io::Error::other)?;
+    let tmp = std::ffi::CString::new(temp_name(name)).map_err(io::Error::other)?;
     let dst = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: valid dir fd and C strings; the new fd is owned below.
     let fd = unsafe {

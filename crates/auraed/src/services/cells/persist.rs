@@ -46,7 +46,10 @@ use std::{
 use aurae_proto::cells::{Cell, CpuController, CpusetController, MemoryController};
 use serde::{Deserialize, Serialize};
 
-use crate::host::{proc::ProcId, shim::format};
+use crate::host::{
+    proc::ProcId,
+    shim::format::{self, Channel},
+};
 
 /// A cell as allocated: its spec and the holder of its namespaces.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,7 +252,7 @@ impl Store {
             let real = self.output.join(&id);
             let dir = self.root.join("execs").join(&id);
             if let Err(e) = std::os::unix::fs::symlink(&real, &dir) {
-                let _ = std::fs::remove_dir(&real);
+                let _ = std::fs::remove_dir_all(&real);
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     continue;
                 }
@@ -274,11 +277,26 @@ impl Store {
         let (path, slot) = (self.output.join(&id), self.spare.clone());
         rt.spawn_blocking(move || match std::fs::create_dir(&path) {
             Ok(()) => {
+                // The temp files of what the shim writes at the end (the
+                // channels' end markers, the exit status: see
+                // `format::write_atomic_at`): made now, they are reused
+                // by the shim's open and renamed into place, so the end of
+                // an executable allocates no inode either.
+                for name in [
+                    Channel::Stdout.end_file(),
+                    Channel::Stderr.end_file(),
+                    format::EXIT.to_owned(),
+                ] {
+                    let tmp = path.join(format::temp_name(&name));
+                    if let Err(e) = std::fs::File::create(&tmp) {
+                        tracing::debug!("cannot make {}: {e}", tmp.display());
+                    }
+                }
                 let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
                 match s.as_ref() {
                     // Another one got there first: one spare is enough.
                     Some(_) => {
-                        let _ = std::fs::remove_dir(&path);
+                        let _ = std::fs::remove_dir_all(&path);
                     }
                     None => *s = Some(id),
                 }
@@ -290,7 +308,7 @@ impl Store {
     /// Removes the spare output directory (when the daemon stops).
     pub fn drop_spare(&self) {
         if let Some(id) = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = std::fs::remove_dir(self.output.join(id));
+            let _ = std::fs::remove_dir_all(self.output.join(id));
         }
     }
 
@@ -640,11 +658,21 @@ mod tests {
         let (a, _) = s.new_exec_dir().unwrap();
         // The spare appears beside the first directory.
         let t = std::time::Instant::now();
-        while std::fs::read_dir(&out).unwrap().count() < 2 {
+        while s.spare.lock().unwrap().is_none() {
             assert!(t.elapsed() < std::time::Duration::from_secs(10), "no spare");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         let spare = s.spare.lock().unwrap().clone().expect("spare id");
+        // With the temp files of the shim's last writes in it already.
+        let mut made: Vec<String> = std::fs::read_dir(out.join(&spare))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        made.sort();
+        assert_eq!(
+            made,
+            [".exit.json.tmp", ".stderr.end.tmp", ".stdout.end.tmp"]
+        );
         let (b, dir) = s.new_exec_dir().unwrap();
         assert_eq!(b, spare);
         assert_ne!(a, b);
