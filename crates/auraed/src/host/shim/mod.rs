@@ -597,6 +597,21 @@ mod tests {
         wait_until("the executable to be reaped", 10, || !s.pid.exists()).await;
     }
 
+    /// Kills what a test started, its shim and the executable's process
+    /// group, when the test ends, also by a panic (a shim waits for its
+    /// release, ignoring SIGTERM). While the shim runs it holds the
+    /// executable (a zombie at worst), so the group id is still ours.
+    struct Reap(Spawned);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if self.0.shim.is_running() {
+                kill_group(self.0.pid.pid);
+                self.0.shim.signal(libc::SIGKILL);
+            }
+        }
+    }
+
     fn kill_group(pgrp: i32) {
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(-pgrp, libc::SIGKILL) };
@@ -743,6 +758,7 @@ mod tests {
         let s = spawn(spec(d.path(), "echo hi; sleep 100 & exit 3"))
             .await
             .unwrap();
+        let _reap = Reap(s);
         wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
         assert_eq!(exit_record(d.path()).unwrap().code, Some(3));
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -764,6 +780,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cmd = "sleep 100 >/dev/null 2>&1 & echo $!";
         let s = spawn(spec(d.path(), cmd)).await.unwrap();
+        let _reap = Reap(s);
         wait_until("stdout.end", 10, || d.path().join("stdout.end").exists()).await;
         wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
         let sleeper: i32 = lines(d.path(), "stdout.0")[0].parse().unwrap();
@@ -778,6 +795,7 @@ mod tests {
         // Same, released by the daemon.
         let d = tempfile::tempdir().unwrap();
         let s = spawn(spec(d.path(), cmd)).await.unwrap();
+        let _reap2 = Reap(s);
         wait_until("exit.json", 10, || d.path().join(format::EXIT).exists()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(s.shim.is_running());
@@ -927,6 +945,7 @@ mod tests {
         // SAFETY: closing the two fds made above, owned by nobody else.
         unsafe { (libc::close(leak[0]), libc::close(leak[1])) };
         let s = s.unwrap();
+        let _reap = Reap(s);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", s.shim.pid))
             .unwrap()
