@@ -234,9 +234,8 @@ impl Store {
     /// Takes the spare output directory if one is ready, and has the next
     /// one made on a blocking thread (inside a tokio runtime).
     pub fn new_exec_dir(&self) -> io::Result<(String, PathBuf)> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.make_spare();
-        let mut spare = spare;
         loop {
             let id = match spare.take() {
                 Some(id) => id,
@@ -367,24 +366,26 @@ impl Store {
     pub fn load_execs(&self) -> Vec<ExecRecord> {
         let mut out = Vec::new();
         let mut linked = std::collections::HashSet::new();
-        for (dir, _) in entries(&self.root.join("execs")) {
+        let listed = entries(&self.root.join("execs"));
+        for (dir, _) in &listed {
+            let dir = dir.as_path();
             let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if name.ends_with(".json") || name.ends_with(".tmp") {
                 // Records are read with their directories; a temp file is
                 // a write that was cut short.
                 if name.starts_with('.') {
-                    remove_file(&dir);
+                    remove_file(dir);
                 }
                 continue;
             }
             // Follows the link to the output directory.
-            if !std::fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
                 tracing::warn!(
                     "executable directory {} is gone: its record is removed",
                     dir.display()
                 );
                 remove_file(&self.record_path(name));
-                remove_exec_dir(&dir);
+                remove_exec_dir(dir);
                 continue;
             }
             // Beside the link; inside the directory in earlier releases.
@@ -403,7 +404,7 @@ impl Store {
                         "executable directory {} has no record (the daemon stopped while starting it): removed",
                         dir.display()
                     );
-                    remove_exec_dir(&dir);
+                    remove_exec_dir(dir);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -411,12 +412,12 @@ impl Store {
                         dir.display()
                     );
                     remove_file(&self.record_path(name));
-                    remove_exec_dir(&dir);
+                    remove_exec_dir(dir);
                 }
             }
         }
-        // Records without a directory.
-        for (path, _) in entries(&self.root.join("execs")) {
+        // Records without a directory (those just removed are gone already).
+        for (path, _) in &listed {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -424,7 +425,7 @@ impl Store {
             if let Some(id) = name.strip_suffix(".json") {
                 if !linked.contains(id) {
                     tracing::warn!("record {} has no directory: removed", path.display());
-                    remove_file(&path);
+                    remove_file(path);
                 }
             }
         }
@@ -522,6 +523,23 @@ mod tests {
         }
     }
 
+    /// A record of `true` run by this test process.
+    fn exec_record(id: &str, name: &str, cell: Option<&str>, started_at: i64) -> ExecRecord {
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        ExecRecord {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            cell: cell.map(str::to_owned),
+            command: "true".into(),
+            description: String::new(),
+            uid: 0,
+            gid: 0,
+            shim: me,
+            pid: me,
+            started_at,
+        }
+    }
+
     #[test]
     fn cell_spec_round_trips() {
         let c = cell();
@@ -563,18 +581,7 @@ mod tests {
         let (id, dir) = s.new_exec_dir().unwrap();
         let (id2, _) = s.new_exec_dir().unwrap();
         assert_ne!(id, id2);
-        let r = ExecRecord {
-            id: id.clone(),
-            name: "x".into(),
-            cell: Some("a".into()),
-            command: "true".into(),
-            description: String::new(),
-            uid: 0,
-            gid: 0,
-            shim: me,
-            pid: me,
-            started_at: 3,
-        };
+        let r = exec_record(&id, "x", Some("a"), 3);
         s.write_exec(&r).unwrap();
         assert!(d.path().join(format!("state/execs/{id}.json")).exists());
         assert!(dir.is_dir());
@@ -598,19 +605,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("lib/output");
         let s = Store::open(&d.path().join("run"), &out).unwrap();
-        let me = ProcId::of(std::process::id() as i32).unwrap();
-        let record = |id: &str| ExecRecord {
-            id: id.to_owned(),
-            name: id.to_owned(),
-            cell: None,
-            command: "true".into(),
-            description: String::new(),
-            uid: 0,
-            gid: 0,
-            shim: me,
-            pid: me,
-            started_at: 1,
-        };
+        let record = |id: &str| exec_record(id, id, None, 1);
         let (id, dir) = s.new_exec_dir().unwrap();
         s.write_exec(&record(&id)).unwrap();
         std::fs::write(dir.join("stdout.0"), b"x").unwrap();
